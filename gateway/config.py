@@ -1,0 +1,384 @@
+"""Settings: one YAML file plus environment overrides; secrets only from the environment.
+
+``load_settings(path)`` raises ``ConfigError`` naming the key and the reason, so a bad
+file fails at start (and in ``gateway check-config``) instead of at the first request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LIMIT_NAMES = (
+    "requests_per_minute",
+    "images_per_minute",
+    "max_concurrent_requests",
+    "tokens_per_day",
+    "tokens_per_month",
+    "images_per_day",
+    "images_per_month",
+    "usd_per_month",
+)
+DEFAULT_MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1", "dall-e-2", "dall-e-3")
+FAMILIES = ("gpt-image", "dall-e-2", "dall-e-3")
+# Users and teams end up in Redis keys (inside a Cluster hash tag) and metric labels.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(ValueError):
+    """A configuration key is missing, mistyped or out of range."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"config key '{key}': {reason}")
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A user's limits; ``None`` means unlimited."""
+
+    requests_per_minute: int | None = None
+    images_per_minute: int | None = None
+    max_concurrent_requests: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    images_per_day: int | None = None
+    images_per_month: int | None = None
+    usd_per_month: float | None = None
+
+    def merged(self, overrides: Mapping[str, Any] | None) -> Limits:
+        """These limits with a key's overrides on top (an explicit null means unlimited)."""
+        if not overrides:
+            return self
+        return replace(self, **{k: v for k, v in overrides.items() if k in LIMIT_NAMES})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    limits: Limits
+    models: tuple[str, ...] | None = None  # allow-list; None: every enabled model
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """An enabled model: its validation family, prices and token-estimate overrides."""
+
+    name: str
+    family: str | None  # gpt-image | dall-e-2 | dall-e-3 | None (unknown: minimal checks)
+    input_text_per_1m: float | None = None
+    input_image_per_1m: float | None = None
+    output_per_1m: float | None = None
+    per_image: Mapping[str, float] | None = None  # "quality-size" -> usd, e.g. "hd-1024x1024"
+    output_tokens: Mapping[str, int] | None = None  # "quality-size" -> estimate override
+
+    @property
+    def priced(self) -> bool:
+        return self.per_image is not None or any(
+            p is not None for p in (self.input_text_per_1m, self.input_image_per_1m, self.output_per_1m)
+        )
+
+
+@dataclass(frozen=True)
+class StaticKey:
+    """A key fixed in the config file, known only by its SHA-256."""
+
+    sha256: str
+    user: str
+    team: str | None
+    plan: str
+    limits: Mapping[str, Any] = field(default_factory=dict)
+    models: tuple[str, ...] | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    base_url: str = "https://api.ttapi.io"
+    timeout_seconds: float = 600.0
+    connect_timeout_seconds: float = 10.0
+    max_connections: int = 8192
+    key_rest_seconds: float = 60.0
+    api_keys: tuple[str, ...] = ()  # from TTAPI_API_KEY only
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = "redis://localhost:6379/0"
+    key_prefix: str = "igw:"
+    on_unavailable: str = "reject"
+    cluster: bool = False
+    timeout_seconds: float = 0.5
+    max_connections: int = 512
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    user_label: bool = True
+    port: int | None = None  # separate port for /metrics; None: served on the main port
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    key_cache_seconds: float = 2.0  # < 5 s: a revoked key is refused by every replica within 5 s
+    failed_attempts_per_minute: int = 20  # per client address, then refused (429) for block_seconds
+    block_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class UsageSettings:
+    stream_maxlen: int = 10_000_000  # ledger stream trimmed (approximately) to this many records
+    spool_path: str = "/tmp/gateway-usage.spool"
+    settle_queue_size: int = 100_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    usage: UsageSettings = field(default_factory=UsageSettings)
+    default_model: str | None = "gpt-image-1"
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    plans: Mapping[str, Plan] = field(default_factory=dict)
+    keys: tuple[StaticKey, ...] = ()
+    max_body_bytes: int = 1024 * 1024
+    admin_token: str | None = None  # from GATEWAY_ADMIN_TOKEN only
+
+    def plan(self, name: str) -> Plan:
+        return self.plans.get(name) or Plan(name=name, limits=Limits())
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "default_model", "models", "plans", "keys",
+             "max_body_bytes"}
+
+
+def _mapping(value: Any, key: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_known(section: Mapping[str, Any], allowed: set[str], key: str) -> None:
+    for name in section:
+        if name not in allowed:
+            where = f"{key}.{name}" if key else str(name)
+            raise ConfigError(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _number(value: Any, key: str, *, integer: bool = False, minimum: float = 0, allow_none: bool = False,
+            exclusive: bool = False) -> Any:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(key, f"must be {kind}, got {value!r}")
+    if value < minimum or (exclusive and value == minimum):
+        raise ConfigError(key, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+    return value
+
+
+_POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "settle_queue_size"}
+
+
+def _section(cls: type, raw: Any, key: str) -> Any:
+    """Build a flat settings dataclass from a mapping, checking names and types."""
+    data = _mapping(raw, key)
+    defaults = cls()
+    _check_known(data, {f.name for f in fields(cls)} - {"api_keys"}, key)
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        default = getattr(defaults, name)
+        full = f"{key}.{name}"
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(full, f"must be true or false, got {value!r}")
+        elif isinstance(default, int | float) or default is None:
+            value = _number(value, full, integer=isinstance(default, int) or default is None,
+                            allow_none=default is None, exclusive=name in _POSITIVE)
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(full, f"must be a string, got {value!r}")
+        values[name] = value
+    return replace(defaults, **values)
+
+
+def _limits(raw: Any, key: str) -> dict[str, Any]:
+    data = _mapping(raw, key)
+    _check_known(data, set(LIMIT_NAMES), key)
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        out[name] = _number(value, f"{key}.{name}", integer=name != "usd_per_month", allow_none=True)
+    return out
+
+
+def _model_list(raw: Any, key: str, enabled: Mapping[str, ModelConfig]) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw):
+        raise ConfigError(key, "must be a list of model names")
+    for m in raw:
+        if m not in enabled:
+            raise ConfigError(key, f"model {m!r} is not enabled under 'models'")
+    return tuple(raw)
+
+
+def family_of(name: str) -> str | None:
+    if name.startswith("gpt-image"):
+        return "gpt-image"
+    if name in ("dall-e-2", "dall-e-3"):
+        return name
+    return None
+
+
+def _models(raw: Any) -> dict[str, ModelConfig]:
+    if raw is None:
+        return {name: ModelConfig(name=name, family=family_of(name)) for name in DEFAULT_MODELS}
+    data = _mapping(raw, "models")
+    if not data:
+        raise ConfigError("models", "enables no model")
+    out = {}
+    price_keys = {"input_text_per_1m", "input_image_per_1m", "output_per_1m"}
+    for name, spec in data.items():
+        key = f"models.{name}"
+        spec = _mapping(spec, key)
+        _check_known(spec, price_keys | {"per_image", "family", "output_tokens"}, key)
+        family = spec.get("family", family_of(str(name)))
+        if family is not None and family not in FAMILIES:
+            raise ConfigError(f"{key}.family", f"must be one of {', '.join(FAMILIES)}, got {family!r}")
+        prices = {p: _number(spec[p], f"{key}.{p}") for p in price_keys if p in spec}
+        per_image = None
+        if "per_image" in spec:
+            per_image = {str(k): _number(v, f"{key}.per_image.{k}")
+                         for k, v in _mapping(spec["per_image"], f"{key}.per_image").items()}
+        tokens = None
+        if "output_tokens" in spec:
+            tokens = {str(k): _number(v, f"{key}.output_tokens.{k}", integer=True)
+                      for k, v in _mapping(spec["output_tokens"], f"{key}.output_tokens").items()}
+        out[str(name)] = ModelConfig(name=str(name), family=family, per_image=per_image, output_tokens=tokens,
+                                     **prices)
+    return out
+
+
+def _plans(raw: Any, models: Mapping[str, ModelConfig]) -> dict[str, Plan]:
+    data = _mapping(raw, "plans")
+    out = {}
+    for name, spec in data.items():
+        key = f"plans.{name}"
+        spec = dict(_mapping(spec, key))
+        allow = _model_list(spec.pop("models", None), f"{key}.models", models)
+        out[str(name)] = Plan(name=str(name), limits=Limits(**_limits(spec, key)), models=allow)
+    if "default" not in out:
+        out["default"] = Plan(name="default", limits=Limits())
+    return out
+
+
+def _keys(raw: Any, plans: Mapping[str, Plan], models: Mapping[str, ModelConfig]) -> tuple[StaticKey, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("keys", "must be a list")
+    out = []
+    seen = set()
+    for i, spec in enumerate(raw):
+        key = f"keys[{i}]"
+        spec = _mapping(spec, key)
+        _check_known(spec, {"sha256", "user", "team", "plan", "limits", "models", "name"}, key)
+        digest = spec.get("sha256")
+        if not isinstance(digest, str) or not SHA256_RE.match(digest.lower()):
+            raise ConfigError(f"{key}.sha256", "must be the 64-hex-digit SHA-256 of the key (never the key itself)")
+        if digest.lower() in seen:
+            raise ConfigError(f"{key}.sha256", "duplicates an earlier key")
+        seen.add(digest.lower())
+        user = spec.get("user")
+        if not isinstance(user, str) or not NAME_RE.match(user):
+            raise ConfigError(f"{key}.user", "required: letters, digits and . _ @ - (at most 128)")
+        team = spec.get("team")
+        if team is not None and (not isinstance(team, str) or not NAME_RE.match(team)):
+            raise ConfigError(f"{key}.team", "letters, digits and . _ @ - (at most 128)")
+        plan = spec.get("plan", "default")
+        if plan not in plans:
+            raise ConfigError(f"{key}.plan", f"no plan named {plan!r} under 'plans'")
+        out.append(StaticKey(sha256=digest.lower(), user=user, team=team, plan=plan,
+                             limits=_limits(spec.get("limits"), f"{key}.limits"),
+                             models=_model_list(spec.get("models"), f"{key}.models", models),
+                             name=spec.get("name")))
+    return tuple(out)
+
+
+def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from a parsed YAML mapping and the environment."""
+    env = os.environ if env is None else env
+    raw = _mapping(raw, "")
+    _check_known(raw, _TOP_KEYS, "")
+    upstream = _section(UpstreamSettings, raw.get("upstream"), "upstream")
+    redis = _section(RedisSettings, raw.get("redis"), "redis")
+    if redis.on_unavailable not in ("reject", "allow"):
+        raise ConfigError("redis.on_unavailable", f"must be 'reject' or 'allow', got {redis.on_unavailable!r}")
+    if env.get("UPSTREAM_BASE_URL"):
+        upstream = replace(upstream, base_url=env["UPSTREAM_BASE_URL"])
+    if env.get("REDIS_URL"):
+        redis = replace(redis, url=env["REDIS_URL"])
+    if not re.match(r"^https?://[^/\s]+", upstream.base_url):
+        raise ConfigError("upstream.base_url", f"must be an http(s) URL, got {upstream.base_url!r}")
+    if not redis.url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
+    keys = tuple(k.strip() for k in env.get("TTAPI_API_KEY", "").split(",") if k.strip())
+    upstream = replace(upstream, base_url=upstream.base_url.rstrip("/"), api_keys=keys)
+    models = _models(raw.get("models"))
+    default_model = raw.get("default_model", "gpt-image-1" if "gpt-image-1" in models else None)
+    if default_model is not None and default_model not in models:
+        raise ConfigError("default_model", f"{default_model!r} is not enabled under 'models'")
+    plans = _plans(raw.get("plans"), models)
+    max_body = _number(raw.get("max_body_bytes", 1024 * 1024), "max_body_bytes", integer=True, minimum=1024)
+    return Settings(
+        upstream=upstream,
+        redis=redis,
+        metrics=_section(MetricsSettings, raw.get("metrics"), "metrics"),
+        auth=_section(AuthSettings, raw.get("auth"), "auth"),
+        usage=_section(UsageSettings, raw.get("usage"), "usage"),
+        default_model=default_model,
+        models=models,
+        plans=plans,
+        keys=_keys(raw.get("keys"), plans, models),
+        max_body_bytes=max_body,
+        admin_token=env.get("GATEWAY_ADMIN_TOKEN") or None,
+    )
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``path`` (or ``$GATEWAY_CONFIG``; none: built-in defaults) and the environment."""
+    env = os.environ if env is None else env
+    path = path or env.get("GATEWAY_CONFIG")
+    if not path:
+        return parse_settings({}, env)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from exc
+    return parse_settings(raw, env)
+
+
+def key_digest(key: str) -> str:
+    """The SHA-256 hex digest under which a key is known."""
+    return hashlib.sha256(key.encode()).hexdigest()

@@ -1,0 +1,26 @@
+"""The Redis client: standalone or Cluster, every call bounded by a timeout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from gateway.config import RedisSettings
+
+
+def open_redis(settings: RedisSettings) -> Any:
+    """A client whose calls fail fast (``redis.timeout_seconds``) instead of hanging requests."""
+    common: dict[str, Any] = {
+        "socket_timeout": settings.timeout_seconds,
+        "socket_connect_timeout": settings.timeout_seconds,
+        "max_connections": settings.max_connections,
+        "decode_responses": False,
+    }
+    if settings.cluster:
+        return RedisCluster.from_url(settings.url, **common)
+    # One quick retry for a connection dropped by a Redis restart; never a long backoff on the hot path.
+    return aioredis.Redis.from_url(settings.url, retry=Retry(NoBackoff(), 1), **common)

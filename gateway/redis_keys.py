@@ -1,0 +1,62 @@
+"""The Redis key layout: every key the gateway uses is built here.
+
+All keys of one user share the Cluster hash tag ``{u:<user>}``, so every script that
+touches a user touches one slot. User names are restricted (config.NAME_RE) so they
+cannot break out of the tag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str = "igw:"
+
+    # --- per user (one hash tag) ---
+    def user(self, user: str, suffix: str) -> str:
+        return f"{self.prefix}{{u:{user}}}:{suffix}"
+
+    def requests_window(self, user: str) -> str:
+        return self.user(user, "rpm")
+
+    def images_window(self, user: str) -> str:
+        return self.user(user, "ipm")
+
+    def inflight(self, user: str) -> str:
+        return self.user(user, "inflight")
+
+    def reservations(self, user: str) -> str:
+        return self.user(user, "res")
+
+    def day_usage(self, user: str, day: str) -> str:
+        """Per-user usage of a UTC day (``YYYY-MM-DD``)."""
+        return self.user(user, f"d:{day}")
+
+    def month_usage(self, user: str, month: str) -> str:
+        """Per-user usage of a UTC month (``YYYY-MM``)."""
+        return self.user(user, f"m:{month}")
+
+    def settled(self, user: str, request_id: str) -> str:
+        """Marker that a request's usage was settled (makes a retried settle a no-op)."""
+        return self.user(user, f"settled:{request_id}")
+
+    def ledger(self, user: str) -> str:
+        """Stream of the user's usage records, one per finished request."""
+        return self.user(user, "ledger")
+
+    def user_keys(self, user: str) -> str:
+        """Set of key ids belonging to the user."""
+        return self.user(user, "keys")
+
+    # --- keys (looked up by digest, not by user) ---
+    def api_key(self, digest: str) -> str:
+        return f"{self.prefix}key:{digest}"
+
+    def api_key_id(self, key_id: str) -> str:
+        return f"{self.prefix}keyid:{key_id}"
+
+    # --- brute-force guard (per client address) ---
+    def auth_failures(self, client: str) -> str:
+        return f"{self.prefix}authfail:{client}"

@@ -1,0 +1,144 @@
+"""HTTP routes: the relay, models, health, readiness, metrics, and OpenAI-shaped 404s."""
+
+from __future__ import annotations
+
+import uuid
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.errors import GatewayError, InvalidRequest, ModelNotAllowed, NotFound, RequestTooLarge
+from gateway.exchange import Exchange
+from gateway.metrics import render
+from gateway.relay import ChunksResponse, StreamRelayResponse, read_json_reply
+from gateway.service import Gateway
+from gateway.validation import validate_image_request
+
+GENERATIONS = "/v1/images/generations"
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]
+
+
+def gateway_of(request: Request) -> Gateway:
+    return request.state.gateway  # type: ignore[no-any-return]
+
+
+def request_id_of(request: Request) -> str:
+    rid = request.scope.get("request_id")
+    if rid is None:
+        rid = request.scope["request_id"] = uuid.uuid4().hex
+    return rid  # type: ignore[no-any-return]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw request body, refused with 413 past ``limit`` bytes (checked while reading)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def parse_json_object(body: bytes) -> dict[str, object]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest("We could not parse the JSON body of your request. The body must be a JSON "
+                             "object (Content-Type: application/json).") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return data
+
+
+async def create_image(request: Request) -> object:
+    gw = gateway_of(request)
+    rid = request_id_of(request)
+    model_label = "-"
+    principal = None
+    try:
+        principal = await gw.authenticate(request)
+        body = await read_body(request, gw.settings.max_body_bytes)
+        image = validate_image_request(parse_json_object(body), gw.settings)
+        model_label = image.model
+        if principal.models is not None and image.model not in principal.models:
+            raise ModelNotAllowed(f"This key may not use the model '{image.model}'.", param="model")
+        exchange = Exchange(rid, principal, image)
+        limit_headers = await gw.admit(exchange)
+    except GatewayError as err:
+        gw.meter.refused(GENERATIONS, model_label, err, principal)
+        return err.to_response(rid)
+    try:
+        reply = await gw.upstream.send(body, request.headers, rid)
+    except GatewayError as err:
+        exchange.status, exchange.error_reason = err.status, err.code
+        await gw.meter.finish(exchange)
+        return err.to_response(rid)
+    headers = [(b"x-request-id", rid.encode()), *limit_headers]
+    timeout = gw.settings.upstream.timeout_seconds
+    if reply.is_event_stream:
+        return StreamRelayResponse(exchange, reply, [*_SSE_HEADERS, *headers], gw.meter.finish, timeout)
+    try:
+        chunks = await read_json_reply(exchange, reply, timeout)
+    except GatewayError as err:
+        exchange.status = err.status
+        await gw.meter.finish(exchange)
+        return err.to_response(rid)
+    exchange.status = reply.response.status
+    await gw.meter.finish(exchange)
+    content_type = reply.response.headers.get("content-type", "application/json").encode()
+    return ChunksResponse(reply.response.status, chunks, [(b"content-type", content_type), *headers])
+
+
+async def list_models(request: Request) -> Response:
+    gw = gateway_of(request)
+    rid = request_id_of(request)
+    try:
+        principal = await gw.authenticate(request)
+    except GatewayError as err:
+        return err.to_response(rid)
+    names = [m for m in gw.settings.models if principal.models is None or m in principal.models]
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "image-gateway"} for m in names]
+    return JSONResponse({"object": "list", "data": data}, headers={"x-request-id": rid})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    reason = await gateway_of(request).not_ready_reason()
+    if reason:
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics(request: Request) -> Response:
+    body, content_type = render(gateway_of(request).metrics.registry)
+    return Response(body, media_type=content_type)
+
+
+async def not_found(request: Request) -> Response:
+    err = NotFound(f"Invalid URL ({request.method} {request.url.path})")
+    return err.to_response(request_id_of(request))
+
+
+def gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return exc.to_response(request_id_of(request))
+
+
+ROUTES = [
+    Route(GENERATIONS, create_image, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]

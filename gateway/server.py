@@ -1,0 +1,39 @@
+"""``gateway serve``: uvicorn (uvloop + httptools) with N workers and multiprocess metrics."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from gateway.config import ConfigError, load_settings
+
+
+def prepare_multiprocess_dir(workers: int) -> None:
+    """Empty PROMETHEUS_MULTIPROC_DIR at start (stale files would add dead workers' counts)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path and workers > 1:
+        path = os.environ["PROMETHEUS_MULTIPROC_DIR"] = f"/tmp/gateway-prometheus-{os.getpid()}"
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def serve(config: str | None, *, host: str, port: int, workers: int | None) -> int:
+    if config:
+        os.environ["GATEWAY_CONFIG"] = str(Path(config).resolve())
+    try:
+        load_settings()  # fail now, with the key and the reason, not in each worker
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    workers = workers or int(os.environ.get("GATEWAY_WORKERS", "1"))
+    prepare_multiprocess_dir(workers)
+    uvicorn.run("gateway.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                loop="uvloop", http="httptools", lifespan="on", access_log=False, log_level="info",
+                timeout_graceful_shutdown=int(os.environ.get("GATEWAY_GRACE_SECONDS", "120")),
+                backlog=4096, timeout_keep_alive=75)
+    return 0

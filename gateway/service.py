@@ -1,0 +1,71 @@
+"""The gateway's components wired together, opened in the app's lifespan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.exceptions import RedisError
+from starlette.requests import Request
+
+from gateway.auth import Authenticator, Principal
+from gateway.config import Settings
+from gateway.errors import ServiceUnavailable
+from gateway.exchange import Exchange
+from gateway.metering import Meter
+from gateway.metrics import Metrics
+from gateway.pricing import estimate
+from gateway.upstream import UpstreamClient
+
+
+class Gateway:
+    """Everything a request needs: settings, clients, limiter, meter. One per worker."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics, upstream: UpstreamClient, redis: Any = None,
+                 limiter: Any = None, auth: Authenticator | None = None, meter: Meter | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.upstream = upstream
+        self.redis = redis
+        self.limiter = limiter
+        self.auth = auth or Authenticator(settings)
+        self.meter = meter or Meter(settings, metrics, limiter)
+
+    async def authenticate(self, request: Request) -> Principal:
+        return await self.auth.authenticate(request.headers.get("authorization"))
+
+    async def admit(self, exchange: Exchange) -> list[tuple[bytes, bytes]]:
+        """Reserve the request's limits in one Redis round trip; returns the x-ratelimit headers."""
+        model = self.settings.models[exchange.request.model]
+        exchange.estimate = estimate(model, exchange.request)
+        if self.limiter is None:
+            return []
+        p = exchange.principal
+        try:
+            admission = await self.limiter.admit(
+                user=p.user, limits=p.limits, request_id=exchange.request_id, n=exchange.request.n,
+                est_tokens=exchange.estimate.tokens, est_usd_micros=exchange.estimate.usd_micros,
+                now_ms=exchange.started_ms)
+        except RedisError as exc:
+            self.metrics.redis_errors.labels("admit").inc()
+            if self.settings.redis.on_unavailable == "allow":
+                self.metrics.unmetered.inc()
+                return []
+            raise ServiceUnavailable("The gateway's limit store is unavailable; try again shortly.") from exc
+        exchange.admission = admission
+        return [(k.encode(), v.encode()) for k, v in admission.headers.items()]
+
+    async def not_ready_reason(self) -> str | None:
+        if self.redis is None:
+            return None
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            self.metrics.redis_errors.labels("ping").inc()
+            return f"redis unavailable ({type(exc).__name__})"
+        return None
+
+    async def close(self) -> None:
+        await self.meter.close()
+        await self.upstream.close()
+        if self.redis is not None:
+            await self.redis.aclose()

@@ -1,0 +1,251 @@
+"""Usage observers: read the upstream's bytes on the side, never altering them.
+
+``JsonUsageScanner`` finds the top-level ``usage`` object and counts ``data`` entries of
+an images response incrementally, jumping over megabytes of base64 in C (``re.search``)
+instead of parsing them. ``SseUsageParser`` splits an SSE stream into events and sums
+the usage of ``image_generation.completed`` events.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+_STRUCT = re.compile(rb'["{}\[\],:]')
+_IN_STRING = re.compile(rb'["\\]')
+COMPLETED = "image_generation.completed"
+
+
+@dataclass(slots=True)
+class Usage:
+    """Usage of one request as the upstream reported it."""
+
+    input_text_tokens: int = 0
+    input_image_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    images: int = 0
+    reported: bool = False  # the upstream reported a usage object
+
+    @property
+    def input_tokens(self) -> int:
+        return self.input_text_tokens + self.input_image_tokens
+
+    def add_openai(self, usage: Any) -> None:
+        """Add an OpenAI images ``usage`` object (input_tokens, input_tokens_details, output_tokens...)."""
+        if not isinstance(usage, dict):
+            return
+        inp = _int(usage.get("input_tokens"))
+        details = usage.get("input_tokens_details")
+        details = details if isinstance(details, dict) else {}
+        text = _int(details.get("text_tokens")) if "text_tokens" in details else None
+        image = _int(details.get("image_tokens"))
+        if text is None:
+            text = max(inp - image, 0)
+        out = _int(usage.get("output_tokens"))
+        self.input_text_tokens += text
+        self.input_image_tokens += image
+        self.output_tokens += out
+        self.total_tokens += _int(usage.get("total_tokens")) or (text + image + out)
+        self.reported = True
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+class JsonUsageScanner:
+    """Incremental scan of a JSON object: captures chosen top-level values, counts ``data`` items."""
+
+    __slots__ = ("_capture", "_depth", "_escape", "_expect_key", "_in_string",
+                 "_key", "_key_parts", "_value_key", "broken", "captured", "data_items", "wanted")
+
+    def __init__(self, wanted: tuple[str, ...] = ("usage",)) -> None:
+        self.wanted = {w.encode(): w for w in wanted}
+        self.captured: dict[str, bytes] = {}
+        self.data_items = 0
+        self.broken = False
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+        self._expect_key = False
+        self._key_parts: list[bytes] | None = None  # collecting a top-level key
+        self._key = b""
+        self._value_key: bytes | None = None  # top-level key whose value is being read
+        self._capture: list[bytes] | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self.broken:
+            return
+        i, end = 0, len(chunk)
+        cap_start = 0 if self._capture is not None else -1
+        while i < end:
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                    i += 1
+                    continue
+                m = _IN_STRING.search(chunk, i)
+                if m is None:
+                    if self._key_parts is not None:
+                        self._key_parts.append(chunk[i:])
+                    break
+                j = m.start()
+                if chunk[j] == 0x5C:  # backslash: skip the escaped char (maybe in the next chunk)
+                    if self._key_parts is not None:
+                        self._key_parts.append(chunk[i:j + 2])
+                    if j + 1 < end:
+                        i = j + 2
+                    else:
+                        self._escape = True
+                        i = end
+                    continue
+                if self._key_parts is not None:
+                    self._key_parts.append(chunk[i:j])
+                    self._key = b"".join(self._key_parts)
+                    self._key_parts = None
+                self._in_string = False
+                i = j + 1
+                continue
+            m = _STRUCT.search(chunk, i)
+            if m is None:
+                break
+            j = m.start()
+            c = chunk[j]
+            i = j + 1
+            if c == 0x22:  # "
+                self._in_string = True
+                if self._depth == 1 and self._expect_key:
+                    self._key_parts = []
+                    self._expect_key = False
+            elif c == 0x3A:  # :
+                if self._depth == 1:
+                    self._value_key = self._key
+                    if self._key in self.wanted:
+                        self._capture, cap_start = [], j + 1
+            elif c in (0x7B, 0x5B):  # { [
+                if self._depth == 0 and c != 0x7B:
+                    self.broken = True
+                    return
+                self._depth += 1
+                if self._depth == 1:
+                    self._expect_key = True
+                elif self._depth == 3 and self._value_key == b"data":
+                    self.data_items += 1
+            elif c in (0x7D, 0x5D):  # } ]
+                self._depth -= 1
+                if self._depth == 0:
+                    self._finish_capture(chunk, cap_start, j)
+                    cap_start = -1
+            elif c == 0x2C and self._depth == 1:  # ,
+                self._finish_capture(chunk, cap_start, j)
+                cap_start = -1
+                self._expect_key = True
+                self._value_key = None
+        if self._capture is not None and cap_start >= 0:
+            self._capture.append(chunk[cap_start:])
+
+    def _finish_capture(self, chunk: bytes, start: int, stop: int) -> None:
+        if self._capture is None:
+            return
+        if start >= 0:
+            self._capture.append(chunk[start:stop])
+        assert self._value_key is not None
+        self.captured[self.wanted[self._value_key]] = b"".join(self._capture).strip()
+        self._capture = None
+
+    def value(self, name: str) -> Any:
+        """A captured top-level value, parsed; None if absent or not JSON."""
+        raw = self.captured.get(name)
+        if not raw:
+            return None
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+
+
+class SseUsageParser:
+    """Splits an SSE byte stream into events; sums usage of completed-image events."""
+
+    __slots__ = ("_buf", "completed", "error", "events", "usage")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.usage = Usage()
+        self.completed = 0
+        self.events = 0
+        self.error: Any = None  # the data of an upstream `event: error`
+
+    def feed(self, chunk: bytes) -> None:
+        start = max(len(self._buf) - 3, 0)
+        self._buf += chunk
+        while True:
+            cut, sep = _event_boundary(self._buf, start)
+            if cut < 0:
+                return
+            event = bytes(self._buf[:cut])
+            del self._buf[:cut + sep]
+            start = 0
+            self._event(event)
+
+    def close(self) -> None:
+        """End of stream: a trailing event without its blank line still counts."""
+        if self._buf.strip():
+            self._event(bytes(self._buf))
+        self._buf.clear()
+
+    def _event(self, raw: bytes) -> None:
+        name = b""
+        data: list[bytes] = []
+        for line in raw.split(b"\n"):
+            line = line.rstrip(b"\r")
+            if line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line.startswith(b"event:"):
+                name = line[6:].strip()
+        if not data and not name:
+            return
+        self.events += 1
+        payload = b"\n".join(data)
+        if name == b"error":
+            self.error = _loads(payload)
+            return
+        if name and name != COMPLETED.encode():
+            return
+        scanner = JsonUsageScanner(("type", "usage"))
+        scanner.feed(payload)
+        kind = scanner.value("type")
+        if kind == "error":
+            self.error = _loads(payload)
+        elif kind == COMPLETED or (name and kind is None):
+            self.completed += 1
+            self.usage.images += 1
+            self.usage.add_openai(scanner.value("usage"))
+
+
+def _event_boundary(buf: bytearray, start: int) -> tuple[int, int]:
+    """Index and length of the first blank-line separator at or after ``start``."""
+    best, size = -1, 0
+    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        k = buf.find(sep, start)
+        if k >= 0 and (best < 0 or k < best):
+            best, size = k, len(sep)
+    return best, size
+
+
+def _loads(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def usage_from_json(scanner: JsonUsageScanner) -> Usage:
+    """The usage of a finished non-stream images response."""
+    usage = Usage(images=scanner.data_items)
+    usage.add_openai(scanner.value("usage"))
+    return usage

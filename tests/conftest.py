@@ -1,0 +1,24 @@
+"""Shared fixtures: a private redis-server (flushed per test) and helpers to start processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.procs import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session's private Redis, emptied before the test."""
+    redis.Redis(port=redis_server.port).flushall()
+    return redis_server.url
