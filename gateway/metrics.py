@@ -27,6 +27,11 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
                     30, 45, 60, 90, 120, 180, 300, 450, 600)
 
 
+REDIS_OPS = ("admit", "settle", "ping", "auth")
+UPSTREAM_ERROR_REASONS = ("upstream_timeout", "upstream_unavailable", "upstream_auth_failed", "status_4xx",
+                          "status_5xx")
+
+
 class Metrics:
     """The gateway's metrics on one registry; ``user_label=False`` drops the ``user`` label."""
 
@@ -68,6 +73,12 @@ class Metrics:
         self.usage_pending = Gauge("gateway_usage_pending_settlements",
                                    "Settlements waiting for Redis (retried with backoff).", registry=r,
                                    multiprocess_mode="livesum")
+
+        # Zero series up front, so dashboards and alerts see these names before the first failure.
+        for op in REDIS_OPS:
+            self.redis_errors.labels(op)
+        for reason in UPSTREAM_ERROR_REASONS:
+            self.upstream_errors.labels(reason)
 
     def who(self, user: str, team: str | None) -> tuple[str, ...]:
         return (user, team or "") if self.user_label else (team or "",)

@@ -58,6 +58,20 @@ def parse_json_object(body: bytes) -> dict[str, object]:
     return data
 
 
+def with_model(body: bytes, data: dict[str, object], model: str) -> bytes:
+    """``body`` with ``"model"`` added after its opening brace; every other byte stays as sent.
+
+    Needed when the gateway applied its ``default_model``: the upstream's own default differs.
+    An explicit ``"model": null`` is the one case where the body is re-serialised.
+    """
+    if "model" in data:
+        return orjson.dumps({**data, "model": model})
+    start = body.index(b"{") + 1
+    rest = body[start:].lstrip()
+    sep = b"" if rest.startswith(b"}") else b","
+    return body[:start] + b'"model":' + orjson.dumps(model) + sep + body[start:]
+
+
 async def create_image(request: Request) -> object:
     gw = gateway_of(request)
     rid = request_id_of(request)
@@ -66,8 +80,11 @@ async def create_image(request: Request) -> object:
     try:
         principal = await gw.authenticate(request)
         body = await read_body(request, gw.settings.max_body_bytes)
-        image = validate_image_request(parse_json_object(body), gw.settings)
+        data = parse_json_object(body)
+        image = validate_image_request(data, gw.settings)
         model_label = image.model
+        if image.model_defaulted:
+            body = with_model(body, data, image.model)
         if principal.models is not None and image.model not in principal.models:
             raise ModelNotAllowed(f"This key may not use the model '{image.model}'.", param="model")
         exchange = Exchange(rid, principal, image)
