@@ -52,11 +52,22 @@ class RedisKeys:
 
     # --- keys (looked up by digest, not by user) ---
     def api_key(self, digest: str) -> str:
+        """Hash: the key record under the SHA-256 of the key (never the key)."""
         return f"{self.prefix}key:{digest}"
 
     def api_key_id(self, key_id: str) -> str:
+        """String: the digest of the key with this id (for revoke by id)."""
         return f"{self.prefix}keyid:{key_id}"
 
-    # --- brute-force guard (per client address) ---
+    def users(self) -> str:
+        """Set of every user that has had a key created (for billing and listings)."""
+        return f"{self.prefix}users"
+
+    # --- brute-force guard (per client address; both keys share the hash tag {a:<address>}) ---
     def auth_failures(self, client: str) -> str:
-        return f"{self.prefix}authfail:{client}"
+        """Sorted set of recent failed authentications from a client address (score: ms)."""
+        return f"{self.prefix}{{a:{client}}}:authfail"
+
+    def auth_block(self, client: str) -> str:
+        """String whose TTL is the time a client address stays refused."""
+        return f"{self.prefix}{{a:{client}}}:authblock"

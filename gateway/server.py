@@ -8,14 +8,16 @@ import sys
 from pathlib import Path
 
 import uvicorn
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.config import ConfigError, load_settings
 
 
-def prepare_multiprocess_dir(workers: int) -> None:
+def prepare_multiprocess_dir(workers: int, separate_port: bool) -> None:
     """Empty PROMETHEUS_MULTIPROC_DIR at start (stale files would add dead workers' counts)."""
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not path and workers > 1:
+    if not path and (workers > 1 or separate_port):
         path = os.environ["PROMETHEUS_MULTIPROC_DIR"] = f"/tmp/gateway-prometheus-{os.getpid()}"
     if path:
         shutil.rmtree(path, ignore_errors=True)
@@ -26,12 +28,17 @@ def serve(config: str | None, *, host: str, port: int, workers: int | None) -> i
     if config:
         os.environ["GATEWAY_CONFIG"] = str(Path(config).resolve())
     try:
-        load_settings()  # fail now, with the key and the reason, not in each worker
+        settings = load_settings()  # fail now, with the key and the reason, not in each worker
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     workers = workers or int(os.environ.get("GATEWAY_WORKERS", "1"))
-    prepare_multiprocess_dir(workers)
+    prepare_multiprocess_dir(workers, settings.metrics.port is not None)
+    if settings.metrics.port is not None:
+        # Served by this (supervisor) process from the workers' multiprocess files.
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        start_http_server(settings.metrics.port, addr=host, registry=registry)
     uvicorn.run("gateway.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 loop="uvloop", http="httptools", lifespan="on", access_log=False, log_level="info",
                 timeout_graceful_shutdown=int(os.environ.get("GATEWAY_GRACE_SECONDS", "120")),

@@ -32,6 +32,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000, at most 65535) is free too."""
+    while True:
+        port = free_port()
+        if port > 55_535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
+
+
 def wait_until(check: Any, what: str, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None) -> None:
     """Poll ``check()`` until it is truthy (readiness polling, not a sleep as synchronisation)."""
     deadline = time.monotonic() + timeout
@@ -62,7 +76,7 @@ class RedisServer:
     """A private redis-server on a free port (optionally a Cluster node)."""
 
     def __init__(self, port: int | None = None, *, cluster: bool = False, appendonly: bool = False) -> None:
-        self.port = port or free_port()
+        self.port = port or (cluster_port() if cluster else free_port())
         self.dir = tempfile.mkdtemp(prefix=f"igw-redis-{self.port}-")
         self.cluster = cluster
         self.appendonly = appendonly
@@ -97,6 +111,12 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _cluster_state(node: RedisServer) -> str:
+    info = node.client().execute_command("CLUSTER INFO")  # redis-py parses it into a dict
+    state = info.get("cluster_state") if isinstance(info, dict) else None
+    return state.decode() if isinstance(state, bytes) else str(state)
+
+
 class RedisCluster:
     """Three masters on free ports, joined with ``redis-cli --cluster create``."""
 
@@ -108,12 +128,16 @@ class RedisCluster:
         return self.nodes[0].url
 
     def start(self) -> RedisCluster:
-        for node in self.nodes:
-            node.start()
-        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
-        wait_until(lambda: b"cluster_state:ok" in self.nodes[0].client().execute_command("CLUSTER INFO"),
-                   "redis cluster")
+        try:
+            for node in self.nodes:
+                node.start()
+            subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                            "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True,
+                           timeout=60)
+            wait_until(lambda: all(_cluster_state(n) == "ok" for n in self.nodes), "redis cluster")
+        except BaseException:
+            self.cleanup()  # never leak the nodes that did start
+            raise
         return self
 
     def flush(self) -> None:
@@ -141,7 +165,7 @@ class Service:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, ready_path: str = "/healthz", timeout: float = 30.0) -> Service:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         wait_until(lambda: httpx.get(self.url + ready_path, timeout=1).status_code == 200,
                    " ".join(self.args[:4]), timeout=timeout, proc=self.proc)
