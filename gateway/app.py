@@ -10,15 +10,24 @@ from typing import Any
 import aiohttp
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.admin import ADMIN_ROUTES
+from gateway.admin_usage import USAGE_ROUTES
+from gateway.bruteforce import AuthGuard
 from gateway.config import Settings, load_settings
 from gateway.errors import GatewayError
+from gateway.keystore import KeyStore
+from gateway.limits import Limiter
+from gateway.metering import Meter
 from gateway.metrics import Metrics
 from gateway.redis_client import open_redis
+from gateway.redis_keys import RedisKeys
 from gateway.relay import drain_background_tasks
-from gateway.routes import ROUTES, GENERATIONS, gateway_error, not_found
+from gateway.routes import GENERATIONS, ROUTES, gateway_error, not_found
 from gateway.service import Gateway
+from gateway.settle_queue import SettleQueue, Spool
 from gateway.upstream import UpstreamClient
 
 
@@ -65,12 +74,13 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
         try:
             yield {"gateway": gw}
         finally:
-            await drain_background_tasks(timeout=settings.upstream.timeout_seconds)
+            await drain_background_tasks(grace_seconds=settings.upstream.timeout_seconds)
             await gw.close()
 
-    app = FastAPI(title="Image gateway", lifespan=lifespan, routes=ROUTES, docs_url=None, redoc_url=None,
-                  openapi_url=None, exception_handlers={GatewayError: gateway_error, 404: _not_found_handler,
-                                                        405: _not_found_handler})
+    app = FastAPI(title="Image gateway", lifespan=lifespan, routes=[*ROUTES, *ADMIN_ROUTES, *USAGE_ROUTES],
+                  docs_url=None, redoc_url=None, openapi_url=None,
+                  exception_handlers={GatewayError: gateway_error, 404: _not_found_handler,
+                                      405: _not_found_handler})
     app.add_middleware(RequestIdMiddleware, metrics_of=lambda: metrics)
     app.state.metrics = metrics
     return app
@@ -84,8 +94,26 @@ async def open_gateway(settings: Settings, metrics: Metrics, *, session: aiohttp
                        redis: Any = None) -> Gateway:
     upstream = UpstreamClient(settings.upstream, session=session)
     await upstream.start()
-    redis = redis if redis is not None else open_redis(settings.redis)
-    return Gateway(settings, metrics=metrics, upstream=upstream, redis=redis)
+    if redis is None:
+        redis = open_redis(settings.redis)
+        if settings.redis.cluster:
+            # Load the slot map first: without it redis-py 8 sends early commands to the wrong node
+            # and breaks connections still opening while it re-maps. Unreachable now: it maps lazily later.
+            with contextlib.suppress(RedisError, OSError):
+                await redis.initialize()
+    redis_keys = RedisKeys(settings.redis.key_prefix)
+    keystore = KeyStore(redis, redis_keys, settings, metrics=metrics)
+    guard = AuthGuard(redis, redis_keys, settings.auth, metrics)
+    # A slot or reservation whose worker died expires one upstream timeout (plus slack) after admission.
+    limiter = Limiter(redis, redis_keys, lease_ms=int((settings.upstream.timeout_seconds + 60) * 1000),
+                      ledger_maxlen=settings.usage.stream_maxlen)
+    # Metering: settlements Redis refuses are retried in the background, spooled at shutdown, replayed here.
+    settler = SettleQueue(limiter, metrics, redis=redis, keys=redis_keys,
+                          max_size=settings.usage.settle_queue_size, spool=Spool(settings.usage.spool_path))
+    meter = Meter(settings, metrics, limiter, settler=settler)
+    await meter.start()
+    return Gateway(settings, metrics=metrics, upstream=upstream, redis=redis, keystore=keystore, guard=guard,
+                   limiter=limiter, meter=meter)
 
 
 def app_from_env() -> FastAPI:

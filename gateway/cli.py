@@ -6,7 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gateway.config import ConfigError, load_settings
+from gateway.config import ConfigError, Settings, load_settings
+
+
+def settings_or_report(path: str | None) -> Settings | None:
+    """Settings for a CLI command, or None after printing the config error (exit status 2)."""
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -16,10 +25,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.path)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    settings = settings_or_report(args.path)
+    if settings is None:
         return 2
     print(f"ok: {len(settings.models)} models, {len(settings.plans)} plans, {len(settings.keys)} fixed keys, "
           f"{len(settings.upstream.api_keys)} upstream keys from TTAPI_API_KEY")

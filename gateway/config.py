@@ -159,7 +159,9 @@ class Settings:
     admin_token: str | None = None  # from GATEWAY_ADMIN_TOKEN only
 
     def plan(self, name: str) -> Plan:
-        return self.plans.get(name) or Plan(name=name, limits=Limits())
+        """The named plan; a key whose plan was since removed from the config gets ``default``'s limits
+        (never unlimited)."""
+        return self.plans.get(name) or self.plans.get("default") or Plan(name="default", limits=Limits())
 
 
 # --- parsing -----------------------------------------------------------------------------------

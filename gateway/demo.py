@@ -83,7 +83,7 @@ def demo_config(key: str) -> dict[str, object]:
 def run_demo(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-    log = open(workdir / "demo.log", "ab")  # noqa: SIM115 - closed in the finally below
+    log = open(workdir / "demo.log", "ab")
 
     def start(name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})

@@ -6,8 +6,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry  # the asyncio one: redis.retry.Retry would not await (no retry)
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from gateway.config import RedisSettings
 

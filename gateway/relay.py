@@ -82,6 +82,8 @@ class StreamRelayResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.exchange.status = self.reply.response.status
+        # uvicorn drops sends to a departed client silently: learn of it from receive() instead.
+        watcher = asyncio.create_task(self._watch_disconnect(receive))
         try:
             await send({"type": "http.response.start", "status": self.reply.response.status,
                         "headers": self.headers})
@@ -92,8 +94,15 @@ class StreamRelayResponse:
             _background.add(task)
             task.add_done_callback(_background.discard)
             raise
+        finally:
+            watcher.cancel()
         await asyncio.shield(self.finish(self.exchange))
         await self._send(send, tail, more=False)
+
+    async def _watch_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.exchange.client_gone = True
 
     async def _pump(self, send: Send) -> bytes:
         """Forward until the upstream ends; returns what must still be sent (an error event).
@@ -142,7 +151,7 @@ class StreamRelayResponse:
         await self.finish(self.exchange)
 
 
-async def drain_background_tasks(timeout: float) -> None:
+async def drain_background_tasks(grace_seconds: float) -> None:
     """Wait (at shutdown) for streams still being drained after their clients went away."""
     if _background:
-        await asyncio.wait(list(_background), timeout=timeout)
+        await asyncio.wait(list(_background), timeout=grace_seconds)

@@ -8,9 +8,11 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 
 from gateway.auth import Authenticator, Principal
+from gateway.bruteforce import AuthGuard
 from gateway.config import Settings
 from gateway.errors import ServiceUnavailable
 from gateway.exchange import Exchange
+from gateway.keystore import KeyStore
 from gateway.metering import Meter
 from gateway.metrics import Metrics
 from gateway.pricing import estimate
@@ -21,17 +23,24 @@ class Gateway:
     """Everything a request needs: settings, clients, limiter, meter. One per worker."""
 
     def __init__(self, settings: Settings, *, metrics: Metrics, upstream: UpstreamClient, redis: Any = None,
-                 limiter: Any = None, auth: Authenticator | None = None, meter: Meter | None = None) -> None:
+                 limiter: Any = None, auth: Authenticator | None = None, meter: Meter | None = None,
+                 keystore: KeyStore | None = None, guard: AuthGuard | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.upstream = upstream
         self.redis = redis
         self.limiter = limiter
-        self.auth = auth or Authenticator(settings)
+        self.keystore = keystore
+        self.guard = guard
+        self.auth = auth or Authenticator(settings, store=keystore)
         self.meter = meter or Meter(settings, metrics, limiter)
 
     async def authenticate(self, request: Request) -> Principal:
-        return await self.auth.authenticate(request.headers.get("authorization"))
+        """The caller's Principal; failures count toward the brute-force guard (a good key costs nothing)."""
+        authorization = request.headers.get("authorization")
+        if self.guard is None:
+            return await self.auth.authenticate(authorization)
+        return await self.guard.authenticate(request, lambda: self.auth.authenticate(authorization))
 
     async def admit(self, exchange: Exchange) -> list[tuple[bytes, bytes]]:
         """Reserve the request's limits in one Redis round trip; returns the x-ratelimit headers."""

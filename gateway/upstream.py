@@ -109,7 +109,7 @@ class UpstreamClient:
                 response = await self._session.post(self.url, data=body, headers=headers)
             except aiohttp.ConnectionTimeoutError as exc:
                 raise UpstreamUnavailable("The upstream could not be reached (connect timed out).") from exc
-            except (TimeoutError, asyncio.TimeoutError) as exc:
+            except TimeoutError as exc:
                 raise UpstreamTimeout(
                     f"The upstream did not answer within {self.settings.timeout_seconds:g} s.") from exc
             except aiohttp.ClientError as exc:

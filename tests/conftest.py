@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.procs import RedisServer
+from tests.procs import RedisCluster, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +22,11 @@ def redis_url(redis_server: RedisServer) -> str:
     """URL of the session's private Redis, emptied before the test."""
     redis.Redis(port=redis_server.port).flushall()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A three-master Redis Cluster for the whole session; tests flush it themselves."""
+    cluster = RedisCluster().start()
+    yield cluster
+    cluster.cleanup()

@@ -193,7 +193,9 @@ def start_gateway(config: Mapping[str, Any], env: Mapping[str, str], *extra: str
     port = free_port()
     tmp = tmp or Path(tempfile.mkdtemp(prefix="igw-gw-"))
     path = tmp / f"gateway-{port}.yaml"
-    path.write_text(yaml.safe_dump(dict(config)))
+    # Each gateway its own usage spool: a shared default would replay one test's settlements in another.
+    usage = {"spool_path": str(tmp / f"usage-{port}.spool"), **dict(config).get("usage", {})}
+    path.write_text(yaml.safe_dump({**dict(config), "usage": usage}))
     full_env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp / f"prom-{port}"), **env}
     return Service([sys.executable, "-m", "gateway", "serve", "--config", str(path), "--host", "127.0.0.1",
                     "--port", str(port), "--workers", str(workers), *extra], port, full_env,

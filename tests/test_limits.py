@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -45,13 +45,6 @@ class Backend:
     client: Redis | RedisCluster
     url: str
     cluster: bool
-
-
-@pytest.fixture(scope="module")
-def redis_cluster() -> Iterator[procs.RedisCluster]:
-    cluster = procs.RedisCluster().start()
-    yield cluster
-    cluster.cleanup()
 
 
 @pytest.fixture(params=["single", pytest.param("cluster", marks=pytest.mark.cluster)])

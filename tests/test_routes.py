@@ -23,12 +23,16 @@ UPSTREAM_KEY = "tt-routes-key"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def config(**extra: Any) -> dict[str, Any]:
     return {
         "default_model": "gpt-image-1",
         "plans": {"default": {}, "narrow": {"models": ["dall-e-3"]}},
-        "keys": [{"user": "alice", "team": "art", "plan": "default", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
-                 {"user": "bob", "plan": "narrow", "sha256": hashlib.sha256(OTHER_KEY.encode()).hexdigest()}],
+        "keys": [{"user": "alice", "team": "art", "plan": "default", "sha256": digest(KEY)},
+                 {"user": "bob", "plan": "narrow", "sha256": digest(OTHER_KEY)}],
         **extra,
     }
 
@@ -113,7 +117,8 @@ def test_sync_sdk_stream_completed_event_carries_usage(gateway: Service) -> None
 
 
 def test_stream_bytes_through_gateway_equal_the_upstreams(gateway: Service, fake: Service) -> None:
-    body = {"model": "gpt-image-1", "prompt": "same bytes", "stream": True, "partial_images": 3, "n": 2, "fake": {"created": 1700000000}}
+    body = {"model": "gpt-image-1", "prompt": "same bytes", "stream": True, "partial_images": 3, "n": 2,
+            "fake": {"created": 1700000000}}
     direct = httpx.post(fake.url + "/v1/images/generations", json=body, headers={"tt-api-key": UPSTREAM_KEY})
     through = httpx.post(gateway.url + "/v1/images/generations", json=body, headers={"authorization": f"Bearer {KEY}"})
     assert through.headers["content-type"].startswith("text/event-stream")

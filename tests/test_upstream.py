@@ -76,8 +76,8 @@ async def test_sends_original_bytes_with_upstream_key_and_no_client_credentials(
     client = await _client(upstream["url"], ("good",))
     body = b'{"prompt": "x",  "zz_unknown": [1, 2], "model": "gpt-image-1"}'
     headers = {"authorization": "Bearer sk-igw-secret", "cookie": "s=1", "openai-organization": "org",
-               "openai-project": "p", "connection": "keep-alive, x-hop", "x-hop": "1", "content-type": "application/json",
-               "user-agent": "OpenAI/Python 9"}
+               "openai-project": "p", "connection": "keep-alive, x-hop", "x-hop": "1",
+               "content-type": "application/json", "user-agent": "OpenAI/Python 9"}
     reply = await client.send(body, headers, "rid-1")
     payload = await reply.response.json()
     reply.response.release()

@@ -264,3 +264,4 @@ def test_family_comes_from_config_not_the_name() -> None:
     with pytest.raises(InvalidRequest) as caught:
         validate_image_request(body(model="house-painter", n=2), settings)
     assert caught.value.param == "n"
+

@@ -1,0 +1,71 @@
+"""Configuration: one YAML file plus environment overrides; errors name the key and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_settings, parse_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", ["config/gateway.example.yaml", "config/gateway.docker.yaml"])
+def test_shipped_configs_load(path: str) -> None:
+    settings = load_settings(ROOT / path, env={})
+    assert "gpt-image-1" in settings.models and "default" in settings.plans
+
+
+def test_environment_overrides_and_secrets() -> None:
+    env = {"TTAPI_API_KEY": " k1, k2 ,,k3", "UPSTREAM_BASE_URL": "http://up:9/", "REDIS_URL": "redis://r:1/2",
+           "GATEWAY_ADMIN_TOKEN": "adm"}
+    s = parse_settings({"upstream": {"base_url": "https://api.ttapi.io"}}, env=env)
+    assert s.upstream.api_keys == ("k1", "k2", "k3")
+    assert s.upstream.base_url == "http://up:9" and s.redis.url == "redis://r:1/2" and s.admin_token == "adm"
+
+
+@pytest.mark.parametrize(("raw", "key", "reason"), [
+    ({"upstream": {"api_keys": ["k"]}}, "upstream.api_keys", "unknown key"),
+    ({"upstream": {"timeout_seconds": 0}}, "upstream.timeout_seconds", "> 0"),
+    ({"upstream": {"timeout_seconds": "600"}}, "upstream.timeout_seconds", "must be a number"),
+    ({"redis": {"on_unavailable": "maybe"}}, "redis.on_unavailable", "'reject' or 'allow'"),
+    ({"redis": {"url": "http://x"}}, "redis.url", "redis://"),
+    ({"metrics": {"user_label": "no"}}, "metrics.user_label", "true or false"),
+    ({"default_model": "gpt-4o"}, "default_model", "not enabled"),
+    ({"models": {"x": {"family": "flux"}}}, "models.x.family", "must be one of"),
+    ({"plans": {"p": {"requests_per_minut": 1}}}, "plans.p.requests_per_minut", "unknown key"),
+    ({"plans": {"p": {"tokens_per_day": 1.5}}}, "plans.p.tokens_per_day", "integer"),
+    ({"plans": {"p": {"models": ["gpt-4o"]}}}, "plans.p.models", "not enabled"),
+    ({"keys": [{"user": "u", "sha256": "sk-igw-plaintext"}]}, "keys[0].sha256", "never the key"),
+    ({"keys": [{"user": "u{x}", "sha256": "a" * 64}]}, "keys[0].user", "letters"),
+    ({"keys": [{"user": "u", "plan": "nope", "sha256": "a" * 64}]}, "keys[0].plan", "no plan"),
+    ({"keys": [{"user": "u", "sha256": "a" * 64}, {"user": "v", "sha256": "A" * 64}]}, "keys[1].sha256",
+     "duplicates"),
+    ({"surprise": 1}, "surprise", "unknown key"),
+])
+def test_bad_config_names_the_key_and_the_reason(raw: dict[str, object], key: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(raw, env={})
+    assert info.value.key == key and reason in str(info.value)
+
+
+def test_unreadable_or_invalid_yaml_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml", env={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("plans: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad, env={})
+
+
+def test_a_plan_removed_from_the_config_falls_back_to_default_not_unlimited() -> None:
+    settings = parse_settings({"plans": {"default": {"requests_per_minute": 7}}}, env={})
+    assert settings.plan("gone").limits.requests_per_minute == 7
+
+
+def test_models_absent_enables_the_default_set_unpriced() -> None:
+    s = parse_settings({}, env={})
+    assert list(s.models) == ["gpt-image-2", "gpt-image-1.5", "gpt-image-1", "dall-e-2", "dall-e-3"]
+    assert not any(m.priced for m in s.models.values())
+    assert s.models["dall-e-3"].family == "dall-e-3" and s.models["gpt-image-2"].family == "gpt-image"
