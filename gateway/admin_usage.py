@@ -13,7 +13,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -22,6 +21,7 @@ from gateway.admin import require_admin
 from gateway.config import NAME_RE
 from gateway.errors import InvalidRequest, MissingParameter, ServiceUnavailable
 from gateway.ledger import export_lines, iter_records, parse_iso, period_totals
+from gateway.redis_client import REDIS_ERRORS
 from gateway.redis_keys import RedisKeys
 from gateway.routes import gateway_of
 
@@ -87,7 +87,7 @@ async def usage_totals(request: Request) -> Response:
     except ValueError:
         raise InvalidRequest("'period' must be a UTC day YYYY-MM-DD or month YYYY-MM.",
                              param="period") from None
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         gateway_of(request).metrics.redis_errors.labels("usage").inc()
         raise ServiceUnavailable("The gateway's usage store is unavailable; try again shortly.") from exc
     return JSONResponse(totals)
@@ -105,7 +105,7 @@ async def usage_records(request: Request) -> Response:
         try:
             async for line in export_lines(iter_records(client, keys, start_ms, end_ms, user=user), fmt):
                 yield line
-        except RedisError:
+        except REDIS_ERRORS:
             # Headers are gone already: ending the chunked body early tells the client it is incomplete.
             metrics.redis_errors.labels("usage").inc()
             log.exception("usage export aborted by a Redis error")

@@ -10,7 +10,6 @@ from typing import Any
 import aiohttp
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.admin import ADMIN_ROUTES
@@ -22,10 +21,10 @@ from gateway.keystore import KeyStore
 from gateway.limits import Limiter
 from gateway.metering import Meter
 from gateway.metrics import Metrics
-from gateway.redis_client import open_redis
+from gateway.redis_client import REDIS_ERRORS, open_redis
 from gateway.redis_keys import RedisKeys
 from gateway.relay import drain_background_tasks
-from gateway.routes import GENERATIONS, ROUTES, gateway_error, not_found
+from gateway.routes import GENERATIONS, ROUTES, gateway_error, internal_error, not_found
 from gateway.service import Gateway
 from gateway.settle_queue import SettleQueue, Spool
 from gateway.upstream import UpstreamClient
@@ -79,7 +78,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
 
     app = FastAPI(title="Image gateway", lifespan=lifespan, routes=[*ROUTES, *ADMIN_ROUTES, *USAGE_ROUTES],
                   docs_url=None, redoc_url=None, openapi_url=None,
-                  exception_handlers={GatewayError: gateway_error, 404: _not_found_handler,
+                  exception_handlers={GatewayError: gateway_error, Exception: internal_error, 404: _not_found_handler,
                                       405: _not_found_handler})
     app.add_middleware(RequestIdMiddleware, metrics_of=lambda: metrics)
     app.state.metrics = metrics
@@ -99,7 +98,7 @@ async def open_gateway(settings: Settings, metrics: Metrics, *, session: aiohttp
         if settings.redis.cluster:
             # Load the slot map first: without it redis-py 8 sends early commands to the wrong node
             # and breaks connections still opening while it re-maps. Unreachable now: it maps lazily later.
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await redis.initialize()
     redis_keys = RedisKeys(settings.redis.key_prefix)
     keystore = KeyStore(redis, redis_keys, settings, metrics=metrics)

@@ -33,12 +33,12 @@ from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisClusterException, RedisError
 from starlette.requests import Request
 
 from gateway.config import AuthSettings
 from gateway.errors import GatewayError, RateLimited
 from gateway.metrics import Metrics
+from gateway.redis_client import REDIS_ERRORS
 from gateway.redis_keys import RedisKeys
 
 T = TypeVar("T")
@@ -129,7 +129,7 @@ class AuthGuard:
             status, ms = await self._script(
                 keys=[k.auth_failures(address), k.auth_block(address)],
                 args=[int(self._clock() * 1000), uuid.uuid4().hex, self._allowed, WINDOW_MS, self._block_ms])
-        except (RedisError, RedisClusterException, OSError):
+        except REDIS_ERRORS:
             self._metrics.redis_errors.labels("auth_guard").inc()
             self._metrics.auth_failures.labels("failed").inc()
             return None

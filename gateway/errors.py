@@ -123,6 +123,17 @@ class UpstreamUnavailable(GatewayError):
     code = "upstream_unavailable"
 
 
+class UpstreamError(GatewayError):
+    """An upstream error answer that was not in OpenAI's shape, relayed with its status."""
+
+    type = "server_error"
+    code = "upstream_error"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class UpstreamTimeout(GatewayError):
     status = 504
     type = "server_error"

@@ -36,11 +36,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.exceptions import RedisClusterException, RedisError
-
 from gateway.auth import StoredKey
 from gateway.config import NAME_RE, ConfigError, Settings, _limits, _model_list, key_digest
 from gateway.errors import InvalidRequest, MissingParameter, ServiceUnavailable
+from gateway.redis_client import REDIS_ERRORS
 from gateway.redis_keys import RedisKeys
 
 KEY_PREFIX = "sk-igw-"
@@ -200,7 +199,7 @@ class KeyStore:
     def _redis_errors(self, op: str) -> Iterator[None]:
         try:
             yield
-        except (RedisError, RedisClusterException, OSError) as exc:
+        except REDIS_ERRORS as exc:
             if self._metrics is not None:
                 self._metrics.redis_errors.labels(op).inc()
             raise ServiceUnavailable("The gateway's key store is unavailable; try again shortly.") from exc

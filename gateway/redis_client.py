@@ -8,8 +8,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry  # the asyncio one: redis.retry.Retry would not await (no retry)
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config import RedisSettings
+
+# Everything that means "Redis did not answer": RedisClusterException is not a RedisError in redis-py.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
 
 
 def open_redis(settings: RedisSettings) -> Any:

@@ -13,17 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import GatewayError, sse_error_event
+from gateway.errors import GatewayError, UpstreamError, sse_error_event
 from gateway.exchange import Exchange
 from gateway.upstream import READ_ERRORS, UpstreamReply, translate_read_error
 from gateway.usage import JsonUsageScanner, SseUsageParser, usage_from_json
 
 Finish = Callable[[Exchange], Awaitable[None]]
-_background: set[asyncio.Task[None]] = set()
+T = TypeVar("T")
+_background: set[asyncio.Task[Any]] = set()
+
+
+def spawn(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """A task the shutdown waits for (``drain_background_tasks``), even if its requester is gone."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
 
 
 def _upstream_done(exchange: Exchange, reply: UpstreamReply) -> None:
@@ -32,7 +42,7 @@ def _upstream_done(exchange: Exchange, reply: UpstreamReply) -> None:
 
 async def read_json_reply(exchange: Exchange, reply: UpstreamReply, timeout_seconds: float) -> list[bytes]:
     """The whole upstream body as chunks, with its usage recorded on ``exchange``."""
-    scanner = JsonUsageScanner()
+    scanner = JsonUsageScanner(("usage", "error"))
     chunks: list[bytes] = []
     try:
         async for chunk in reply.response.content.iter_any():
@@ -45,8 +55,12 @@ async def read_json_reply(exchange: Exchange, reply: UpstreamReply, timeout_seco
     finally:
         reply.response.release()
         _upstream_done(exchange, reply)
-    if 200 <= reply.response.status < 300:
+    status = reply.response.status
+    if 200 <= status < 300:
         exchange.usage = usage_from_json(scanner)
+    elif not isinstance(scanner.value("error"), dict):
+        # Not an OpenAI error body (a proxy's HTML page, another format): the SDKs need OpenAI's shape.
+        raise UpstreamError(status, f"The upstream answered {status} without an OpenAI error body.")
     return chunks
 
 
@@ -90,9 +104,7 @@ class StreamRelayResponse:
             tail = await self._pump(send)
         except asyncio.CancelledError:
             # The server is cancelling us (shutdown): finish reading and settling in the background.
-            task = asyncio.create_task(self._drain_and_finish())
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+            spawn(self._drain_and_finish())
             raise
         finally:
             watcher.cancel()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
+from typing import Any
 
 import orjson
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -12,11 +16,13 @@ from starlette.routing import Route
 from gateway.errors import GatewayError, InvalidRequest, ModelNotAllowed, NotFound, RequestTooLarge
 from gateway.exchange import Exchange
 from gateway.metrics import render
-from gateway.relay import ChunksResponse, StreamRelayResponse, read_json_reply
+from gateway.relay import ChunksResponse, StreamRelayResponse, read_json_reply, spawn
 from gateway.service import Gateway
+from gateway.upstream import UpstreamReply
 from gateway.validation import validate_image_request
 
 GENERATIONS = "/v1/images/generations"
+log = logging.getLogger("gateway")
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
 
@@ -92,26 +98,42 @@ async def create_image(request: Request) -> object:
     except GatewayError as err:
         gw.meter.refused(GENERATIONS, model_label, err, principal)
         return err.to_response(rid)
-    try:
-        reply = await gw.upstream.send(body, request.headers, rid)
-    except GatewayError as err:
-        exchange.status, exchange.error_reason = err.status, err.code
-        await gw.meter.finish(exchange)
-        return err.to_response(rid)
     headers = [(b"x-request-id", rid.encode()), *limit_headers]
-    timeout = gw.settings.upstream.timeout_seconds
-    if reply.is_event_stream:
-        return StreamRelayResponse(exchange, reply, [*_SSE_HEADERS, *headers], gw.meter.finish, timeout)
+    # Shielded and tracked: if this handler is cancelled (shutdown past its grace period), the upstream
+    # call still runs to its end and is settled, so usage the upstream bills is never lost.
+    outcome = await asyncio.shield(spawn(forward(gw, exchange, body, request.headers, headers)))
+    if isinstance(outcome, UpstreamReply):
+        timeout = gw.settings.upstream.timeout_seconds
+        return StreamRelayResponse(exchange, outcome, [*_SSE_HEADERS, *headers], gw.meter.finish, timeout)
+    return outcome
+
+
+async def forward(gw: Gateway, exchange: Exchange, body: bytes, client_headers: Headers,
+                  headers: list[tuple[bytes, bytes]]) -> Any:
+    """The upstream call of an admitted request; finished (settled) exactly once unless it is a stream.
+
+    Returns the stream's ``UpstreamReply`` (the relay finishes it), or the client's response.
+    """
+    rid = exchange.request_id
     try:
-        chunks = await read_json_reply(exchange, reply, timeout)
+        reply = await gw.upstream.send(body, client_headers, rid)
+        if reply.is_event_stream:
+            return reply
+        chunks = await read_json_reply(exchange, reply, gw.settings.upstream.timeout_seconds)
+        exchange.status = reply.response.status
+        content_type = reply.response.headers.get("content-type", "application/json").encode()
+        response: Any = ChunksResponse(reply.response.status, chunks, [(b"content-type", content_type), *headers])
     except GatewayError as err:
         exchange.status = err.status
+        exchange.error_reason = exchange.error_reason or err.code
+        err.headers.update((k.decode(), v.decode()) for k, v in headers[1:])  # x-ratelimit-*: admitted
+        response = err.to_response(rid)
+    except Exception:
+        exchange.status, exchange.error_reason = 500, "internal_error"
         await gw.meter.finish(exchange)
-        return err.to_response(rid)
-    exchange.status = reply.response.status
+        raise
     await gw.meter.finish(exchange)
-    content_type = reply.response.headers.get("content-type", "application/json").encode()
-    return ChunksResponse(reply.response.status, chunks, [(b"content-type", content_type), *headers])
+    return response
 
 
 async def list_models(request: Request) -> Response:
@@ -147,9 +169,16 @@ async def not_found(request: Request) -> Response:
     return err.to_response(request_id_of(request))
 
 
-def gateway_error(request: Request, exc: Exception) -> Response:
+async def gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
     return exc.to_response(request_id_of(request))
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """A bug: still OpenAI's shape and the request id (this runs outside the request-id middleware)."""
+    log.error("unhandled %s in %s %s (request %s)", type(exc).__name__, request.method, request.url.path,
+              request_id_of(request))
+    return GatewayError("The gateway failed to handle this request.").to_response(request_id_of(request))
 
 
 ROUTES = [

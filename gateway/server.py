@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import uvicorn
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.config import ConfigError, load_settings
@@ -22,6 +22,9 @@ def prepare_multiprocess_dir(workers: int, separate_port: bool) -> None:
     if path:
         shutil.rmtree(path, ignore_errors=True)
         Path(path).mkdir(parents=True, exist_ok=True)
+        # prometheus_client picks its value class when first imported, maybe before the variable was set;
+        # pick again so a single in-process worker writes the files /metrics reads.
+        values.ValueClass = values.get_value_class()
 
 
 def serve(config: str | None, *, host: str, port: int, workers: int | None) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.exceptions import RedisError
 from starlette.requests import Request
 
 from gateway.auth import Authenticator, Principal
@@ -16,6 +15,7 @@ from gateway.keystore import KeyStore
 from gateway.metering import Meter
 from gateway.metrics import Metrics
 from gateway.pricing import estimate
+from gateway.redis_client import REDIS_ERRORS
 from gateway.upstream import UpstreamClient
 
 
@@ -54,7 +54,7 @@ class Gateway:
                 user=p.user, limits=p.limits, request_id=exchange.request_id, n=exchange.request.n,
                 est_tokens=exchange.estimate.tokens, est_usd_micros=exchange.estimate.usd_micros,
                 now_ms=exchange.started_ms)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             self.metrics.redis_errors.labels("admit").inc()
             if self.settings.redis.on_unavailable == "allow":
                 self.metrics.unmetered.inc()
@@ -68,7 +68,7 @@ class Gateway:
             return None
         try:
             await self.redis.ping()
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self.metrics.redis_errors.labels("ping").inc()
             return f"redis unavailable ({type(exc).__name__})"
         return None

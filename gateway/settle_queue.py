@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
 
 from gateway.limits import Admission, Limiter, SettledUsage, utc_periods
 from gateway.metrics import Metrics
+from gateway.redis_client import REDIS_ERRORS
 from gateway.redis_keys import RedisKeys
 
 log = logging.getLogger("gateway.settle")
@@ -193,6 +193,11 @@ class SettleQueue:
 
     async def settle(self, settlement: Settlement) -> None:
         """Settle now if Redis answers, else queue it; never raises, never waits on a retry."""
+        if self._closed and self.spool is not None:
+            # A stream drained after shutdown began: straight to the spool, replayed at the next start.
+            if not await self._try(settlement):
+                self.spool.append([settlement])
+            return
         if not self.pending and await self._try(settlement):
             return
         self._enqueue(settlement)
@@ -205,11 +210,16 @@ class SettleQueue:
                 await self.redis.sadd(self.keys.users(), user)
                 self._users.add(user)
             await self.limiter.settle(settlement.admission, settlement.usage, settlement.record)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self.metrics.redis_errors.labels("settle").inc()
             log.warning("settle of %s failed (%s); queued for retry", settlement.admission.request_id,
                         type(exc).__name__)
             return False
+        except Exception as exc:  # not Redis: retrying would not help; keep it on disk for an operator
+            log.error("settle of %s failed (%s); kept in the spool", settlement.admission.request_id,
+                      type(exc).__name__)
+            if self.spool is not None:
+                self.spool.append([settlement])
         return True
 
     def _enqueue(self, settlement: Settlement) -> None:

@@ -7,7 +7,6 @@ sized for thousands of concurrent 10-120 s image calls.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from collections.abc import Callable, Mapping
@@ -106,7 +105,8 @@ class UpstreamClient:
             headers["tt-api-key"] = self.pool.key(index)
             started = time.monotonic()
             try:
-                response = await self._session.post(self.url, data=body, headers=headers)
+                # Never follow redirects: aiohttp would carry TT-API-KEY to whatever host they name.
+                response = await self._session.post(self.url, data=body, headers=headers, allow_redirects=False)
             except aiohttp.ConnectionTimeoutError as exc:
                 raise UpstreamUnavailable("The upstream could not be reached (connect timed out).") from exc
             except TimeoutError as exc:
@@ -118,15 +118,25 @@ class UpstreamClient:
                 response.release()
                 self.pool.refuse(index)
                 continue
+            if 300 <= response.status < 400:
+                response.release()
+                raise UpstreamUnavailable(f"The upstream answered with a redirect ({response.status}); "
+                                          "check upstream.base_url.")
             return UpstreamReply(response, started)
         raise UpstreamAuthFailed("The upstream refused the gateway's credentials.")
 
 
 def translate_read_error(exc: BaseException, timeout_seconds: float) -> UpstreamTimeout | UpstreamUnavailable:
-    """The gateway error for a failure while reading an upstream body."""
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+    """The gateway error for a failure while reading an upstream body.
+
+    The upstream had already answered, so it may have generated (and billed) the images:
+    tell SDKs not to retry, as for a timeout.
+    """
+    if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"The upstream did not finish within {timeout_seconds:g} s.")
-    return UpstreamUnavailable(f"The upstream connection failed mid-response ({type(exc).__name__}).")
+    err = UpstreamUnavailable(f"The upstream connection failed mid-response ({type(exc).__name__}).")
+    err.headers["x-should-retry"] = "false"
+    return err
 
 
-READ_ERRORS = (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError)
+READ_ERRORS = (aiohttp.ClientError, TimeoutError)

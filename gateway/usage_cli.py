@@ -15,14 +15,12 @@ import sys
 import time
 from typing import IO, Any
 
-from redis.exceptions import RedisError
-
 from gateway.admin_usage import parse_format, parse_range, parse_user
 from gateway.cli import settings_or_report
 from gateway.config import Settings
 from gateway.errors import InvalidRequest
 from gateway.ledger import export_lines, iter_records, period_totals
-from gateway.redis_client import open_redis
+from gateway.redis_client import REDIS_ERRORS, open_redis
 from gateway.redis_keys import RedisKeys
 
 PROGRESS_EVERY_S = 1.0
@@ -108,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     except InvalidRequest as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         print(f"error: Redis unavailable or output not writable ({type(exc).__name__})", file=sys.stderr)
         return 1
 

@@ -152,11 +152,12 @@ class RedisCluster:
 class Service:
     """A child process serving HTTP on ``port``; ready when ``/healthz`` answers 200."""
 
-    def __init__(self, args: list[str], port: int, env: Mapping[str, str] | None = None,
+    def __init__(self, args: list[str], port: int, env: Mapping[str, str | None] | None = None,
                  log: Path | None = None) -> None:
         self.args = args
         self.port = port
-        self.env = {**os.environ, **(env or {})}
+        # A None value removes the variable from the child's environment.
+        self.env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
         self.log_path = log or Path(tempfile.mkstemp(prefix="igw-svc-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -187,7 +188,7 @@ def start_fake_upstream(key: str = "tt-test-key", *extra: str) -> Service:
                    port).start()
 
 
-def start_gateway(config: Mapping[str, Any], env: Mapping[str, str], *extra: str, workers: int = 1,
+def start_gateway(config: Mapping[str, Any], env: Mapping[str, str | None], *extra: str, workers: int = 1,
                   tmp: Path | None = None) -> Service:
     """Start ``gateway serve`` with ``config`` written to a temp YAML file."""
     port = free_port()

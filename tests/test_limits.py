@@ -352,6 +352,17 @@ async def test_expired_reservation_is_reclaimed(backend: Backend, limiter: Limit
     assert day["res_tokens"] == HIGH_1024 and day["total_tokens"] == 3000
 
 
+async def test_unsettled_reservation_outlives_its_lease_until_reclaimed(backend: Backend, limiter: Limiter) -> None:
+    """The reservation must still be there to give back when the user's next admit comes, however late."""
+    limits = Limits(tokens_per_month=10_000)
+    await admit(limiter, limits, "a", T0, tokens=HIGH_1024)  # never settled: its worker died
+    for key in (KEYS.inflight("alice"), KEYS.reservations("alice")):
+        assert await backend.client.pttl(key) > 31 * 86_400_000  # not gone when the lease ends
+    later = T0 + 3 * 86_400_000  # days later, same month
+    await admit(limiter, limits, "b", later, tokens=HIGH_1024)
+    assert (await usage(backend.client, KEYS.month_usage("alice", "2026-11")))["res_tokens"] == HIGH_1024
+
+
 async def test_day_edge(backend: Backend, limiter: Limiter) -> None:
     limits = Limits(tokens_per_day=10_000)
     last_ms = ms("2026-11-24T23:59:59.999")

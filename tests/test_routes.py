@@ -302,3 +302,12 @@ def test_readyz_is_503_with_reason_when_redis_is_down(fake: Service, tmp_path: P
         assert httpx.get(gw.url + "/healthz").status_code == 200
     finally:
         gw.stop()
+
+
+def test_body_cut_after_a_200_is_502_not_retried(gateway: Service, stats: Any) -> None:
+    with pytest.raises(openai.InternalServerError) as info:
+        sdk(gateway).images.generate(model="gpt-image-1", prompt="cut body", extra_body={"fake": {"cut_after": 100}})
+    assert info.value.status_code == 502 and info.value.code == "upstream_unavailable"
+    assert info.value.response.headers["x-should-retry"] == "false"
+    calls = [e for e in stats()["recent"] if e["headers"].get("tt-api-key") == UPSTREAM_KEY]
+    assert len(calls) == 1  # the upstream answered 200 (and billed): the SDK must not retry

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.procs import free_port, start_fake_upstream, start_gateway, wait_until
 
@@ -26,13 +27,14 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     assert check.returncode == 2 and "redis.on_unavailable" in check.stderr
 
 
-def test_metrics_on_a_separate_port_sum_both_workers(redis_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_metrics_on_a_separate_port_sum_all_workers(workers: int, redis_url: str, tmp_path: Path) -> None:
     fake = start_fake_upstream("tt-server")
     port = free_port()
     cfg = {"metrics": {"port": port}, "plans": {"default": {}},
            "keys": [{"user": "dora", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}
     env = {"TTAPI_API_KEY": "tt-server", "UPSTREAM_BASE_URL": fake.url, "REDIS_URL": redis_url}
-    gw = start_gateway(cfg, env, workers=2, tmp=tmp_path)
+    gw = start_gateway(cfg, {**env, "PROMETHEUS_MULTIPROC_DIR": None}, workers=workers, tmp=tmp_path)
     try:
         for _ in range(6):
             r = httpx.post(gw.url + "/v1/images/generations", json={"prompt": "x", "quality": "low"},

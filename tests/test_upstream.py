@@ -125,3 +125,23 @@ async def test_unreachable_upstream_is_502_upstream_unavailable() -> None:
         await client.send(b"{}", {}, "r")
     await client.close()
     assert info.value.status == 502 and info.value.code == "upstream_unavailable"
+
+
+async def test_redirects_are_not_followed_so_the_key_stays_home(upstream: dict[str, Any]) -> None:
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPTemporaryRedirect(upstream["url"] + "/v1/images/generations")
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", redirect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    client = await _client(f"http://127.0.0.1:{port}", ("good",))
+    try:
+        with pytest.raises(UpstreamUnavailable, match="redirect"):
+            await client.send(b"{}", {}, "r")
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert upstream["seen"] == []  # the redirect target never saw TT-API-KEY

@@ -133,11 +133,16 @@ if n > 0 then
   redis.call('ZADD', KEYS[2], unpack(members))
   keep_for(KEYS[2], window)
 end
+-- Leases and reservations live as long as the month aggregate they reserve in: if they
+-- expired with the lease, an unsettled reservation could never be given back and the
+-- res_* counters would stay inflated for the rest of the period. Entries leave on settle
+-- or reclaim, so the keys stay small.
+local keep_ms = tonumber(ARGV[16]) * 1000
 redis.call('ZADD', KEYS[3], deadline, rid)
-keep_for(KEYS[3], deadline - now)
+keep_for(KEYS[3], keep_ms)
 -- The amounts are stored as the caller's strings: Lua's tostring would round big numbers.
 redis.call('HSET', KEYS[4], rid, ARGV[5] .. ' ' .. ARGV[4] .. ' ' .. ARGV[6] .. '\n' .. KEYS[5] .. '\n' .. KEYS[6])
-keep_for(KEYS[4], deadline - now)
+keep_for(KEYS[4], keep_ms)
 for j, k in ipairs({KEYS[5], KEYS[6]}) do
   redis.call('HINCRBY', k, 'res_tokens', est_tokens)
   redis.call('HINCRBY', k, 'res_images', n)
