@@ -21,10 +21,14 @@ def open_redis(settings: RedisSettings) -> Any:
     common: dict[str, Any] = {
         "socket_timeout": settings.timeout_seconds,
         "socket_connect_timeout": settings.timeout_seconds,
-        "max_connections": settings.max_connections,
         "decode_responses": False,
     }
     if settings.cluster:
-        return RedisCluster.from_url(settings.url, **common)
+        return RedisCluster.from_url(settings.url, max_connections=settings.max_connections, **common)
+    # A burst of admissions larger than the pool waits for a free connection (as long as a Redis call
+    # may take) instead of failing with "Too many connections" as the default pool does.
     # One quick retry for a connection dropped by a Redis restart; never a long backoff on the hot path.
-    return aioredis.Redis.from_url(settings.url, retry=Retry(NoBackoff(), 1), **common)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.url, max_connections=settings.max_connections, timeout=settings.timeout_seconds,
+        retry=Retry(NoBackoff(), 1), **common)
+    return aioredis.Redis(connection_pool=pool)

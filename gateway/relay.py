@@ -36,6 +36,22 @@ def spawn(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
     return task
 
 
+def salvage(content: Any) -> list[bytes]:
+    """Bytes aiohttp had received when the connection failed: its reads raise before handing them over.
+
+    They are events the upstream sent (and billed), so they are forwarded and counted.
+    """
+    buffered = getattr(content, "_buffer", None)
+    if not buffered:
+        return []
+    chunks = list(buffered)
+    offset = getattr(content, "_buffer_offset", 0)
+    if offset:
+        chunks[0] = chunks[0][offset:]
+    buffered.clear()
+    return chunks
+
+
 def _upstream_done(exchange: Exchange, reply: UpstreamReply) -> None:
     exchange.upstream_seconds = time.monotonic() - reply.started
 
@@ -126,6 +142,9 @@ class StreamRelayResponse:
                 self.parser.feed(chunk)
                 await self._send(send, chunk, more=True)
         except READ_ERRORS as exc:
+            for chunk in salvage(self.reply.response.content):
+                self.parser.feed(chunk)
+                await self._send(send, chunk, more=True)
             err: GatewayError = translate_read_error(exc, self.timeout_seconds)
             self.exchange.error_reason = err.code
             self._close_upstream()
@@ -157,6 +176,8 @@ class StreamRelayResponse:
             async for chunk in self.reply.response.content.iter_any():
                 self.parser.feed(chunk)
         except READ_ERRORS as exc:
+            for chunk in salvage(self.reply.response.content):
+                self.parser.feed(chunk)
             self.exchange.error_reason = translate_read_error(exc, self.timeout_seconds).code
         finally:
             self._close_upstream()

@@ -127,7 +127,7 @@ def test_stream_bytes_through_gateway_equal_the_upstreams(gateway: Service, fake
 
 
 def test_first_event_arrives_while_upstream_is_still_working(gateway: Service, stats: Any) -> None:
-    body = {"prompt": "slow", "stream": True, "partial_images": 1, "fake": {"event_gap": 3600}}
+    body = {"model": "gpt-image-1", "prompt": "slow", "stream": True, "partial_images": 1, "fake": {"event_gap": 5}}
     with httpx.stream("POST", gateway.url + "/v1/images/generations", json=body, timeout=30,
                       headers={"authorization": f"Bearer {KEY}"}) as response:
         first = next(response.iter_lines())
