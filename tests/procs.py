@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +201,23 @@ def start_gateway(config: Mapping[str, Any], env: Mapping[str, str | None], *ext
     return Service([sys.executable, "-m", "gateway", "serve", "--config", str(path), "--host", "127.0.0.1",
                     "--port", str(port), "--workers", str(workers), *extra], port, full_env,
                    log=tmp / f"gateway-{port}.log").start()
+
+
+@contextlib.asynccontextmanager
+async def local_generations_server(handler: Any) -> AsyncIterator[str]:
+    """An in-process aiohttp server answering POST /v1/images/generations with ``handler``; yields its URL."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from gateway.exchange import Exchange
 from gateway.relay import read_json_reply
 from gateway.upstream import UpstreamClient
 from gateway.validation import validate_image_request
-from tests.procs import free_port
+from tests.procs import local_generations_server
 
 
 @pytest.fixture
@@ -25,14 +25,8 @@ async def upstream() -> AsyncIterator[tuple[str, dict[str, Any]]]:
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=answer["status"], body=answer["body"], content_type=answer["type"])
 
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}", answer
-    await runner.cleanup()
+    async with local_generations_server(handler) as url:
+        yield url, answer
 
 
 def _exchange() -> Exchange:

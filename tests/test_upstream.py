@@ -12,7 +12,7 @@ from aiohttp import web
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamAuthFailed, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream import KeyPool, UpstreamClient
-from tests.procs import free_port
+from tests.procs import free_port, local_generations_server
 
 
 class Clock:
@@ -55,15 +55,9 @@ async def upstream() -> AsyncIterator[dict[str, Any]]:
         await asyncio.sleep(state["delay"])
         return web.json_response({"data": [], "body": (await request.read()).decode()})
 
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    state["url"] = f"http://127.0.0.1:{port}"
-    yield state
-    await runner.cleanup()
+    async with local_generations_server(handler) as url:
+        state["url"] = url
+        yield state
 
 
 async def _client(url: str, keys: tuple[str, ...], **kw: Any) -> UpstreamClient:
@@ -131,17 +125,11 @@ async def test_redirects_are_not_followed_so_the_key_stays_home(upstream: dict[s
     async def redirect(request: web.Request) -> web.StreamResponse:
         raise web.HTTPTemporaryRedirect(upstream["url"] + "/v1/images/generations")
 
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", redirect)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    client = await _client(f"http://127.0.0.1:{port}", ("good",))
-    try:
-        with pytest.raises(UpstreamUnavailable, match="redirect"):
-            await client.send(b"{}", {}, "r")
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with local_generations_server(redirect) as url:
+        client = await _client(url, ("good",))
+        try:
+            with pytest.raises(UpstreamUnavailable, match="redirect"):
+                await client.send(b"{}", {}, "r")
+        finally:
+            await client.close()
     assert upstream["seen"] == []  # the redirect target never saw TT-API-KEY
