@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_TOOLS := docker-compose:docker-compose promtool:prometheus redis-server:redis-server
+BENCH_TOOLS := wrk:wrk redis-server:redis-server
 
-.PHONY: demo test tools bench lint
+.PHONY: demo test tools apt-tools bench lint
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -13,7 +14,10 @@ $(VENV)/.installed: pyproject.toml
 
 # Validators the deploy tests call (no Docker engine needed): Debian's docker-compose and promtool.
 tools:
-	@missing=""; for pair in $(APT_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	@$(MAKE) --no-print-directory apt-tools TOOLS="$(APT_TOOLS)"
+
+apt-tools:
+	@missing=""; for pair in $(TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
@@ -26,7 +30,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed tools
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# Benchmark (by hand, not CI): gateway vs the fake upstream directly, ratios in bench/RESULTS.md.
 bench: $(VENV)/.installed
+	@$(MAKE) --no-print-directory apt-tools TOOLS="$(BENCH_TOOLS)"
 	$(PY) -m bench.run
 
 lint: $(VENV)/.installed

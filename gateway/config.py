@@ -122,6 +122,7 @@ class RedisSettings:
     cluster: bool = False
     timeout_seconds: float = 0.5
     max_connections: int = 512
+    pool_wait_seconds: float = 2.0  # a burst beyond max_connections waits this long for a connection
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ def open_redis(settings: RedisSettings) -> Any:
     }
     if settings.cluster:
         return RedisCluster.from_url(settings.url, max_connections=settings.max_connections, **common)
-    # A burst of admissions larger than the pool waits for a free connection (as long as a Redis call
-    # may take) instead of failing with "Too many connections" as the default pool does.
+    # A burst of admissions larger than the pool waits for a free connection (redis.pool_wait_seconds)
+    # instead of failing with "Too many connections" as the default pool does.
     # One quick retry for a connection dropped by a Redis restart; never a long backoff on the hot path.
     pool = aioredis.BlockingConnectionPool.from_url(
-        settings.url, max_connections=settings.max_connections, timeout=settings.timeout_seconds,
+        settings.url, max_connections=settings.max_connections, timeout=settings.pool_wait_seconds,
         retry=Retry(NoBackoff(), 1), **common)
     return aioredis.Redis(connection_pool=pool)

@@ -82,7 +82,7 @@ class UpstreamClient:
     async def start(self) -> None:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.settings.max_connections, limit_per_host=0,
-                                             keepalive_timeout=30, ttl_dns_cache=300)
+                                             keepalive_timeout=10, ttl_dns_cache=300)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
                                                   auto_decompress=False, read_bufsize=1 << 18,
                                                   skip_auto_headers=("User-Agent",))

@@ -1,0 +1,3 @@
+from bench.engines import main
+
+raise SystemExit(main())
