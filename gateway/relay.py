@@ -120,7 +120,7 @@ class StreamRelayResponse:
             tail = await self._pump(send)
         except asyncio.CancelledError:
             # The server is cancelling us (shutdown): finish reading and settling in the background.
-            spawn(self._drain_and_finish())
+            spawn(self.drain_and_finish())
             raise
         finally:
             watcher.cancel()
@@ -170,7 +170,8 @@ class StreamRelayResponse:
         self.exchange.usage = self.parser.usage
         self.exchange.incomplete = self.parser.completed == 0 or self.exchange.error_reason is not None
 
-    async def _drain_and_finish(self) -> None:
+    async def drain_and_finish(self) -> None:
+        """Read the rest of the stream with nobody to send it to, then finish (settle) the exchange."""
         self.exchange.client_gone = True
         try:
             async for chunk in self.reply.response.content.iter_any():

@@ -101,11 +101,22 @@ async def create_image(request: Request) -> object:
     headers = [(b"x-request-id", rid.encode()), *limit_headers]
     # Shielded and tracked: if this handler is cancelled (shutdown past its grace period), the upstream
     # call still runs to its end and is settled, so usage the upstream bills is never lost.
-    outcome = await asyncio.shield(spawn(forward(gw, exchange, body, request.headers, headers)))
+    timeout = gw.settings.upstream.timeout_seconds
+    task = spawn(forward(gw, exchange, body, request.headers, headers))
+    try:
+        outcome = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda t: _drain_orphaned_stream(t, gw, exchange, timeout))
+        raise
     if isinstance(outcome, UpstreamReply):
-        timeout = gw.settings.upstream.timeout_seconds
         return StreamRelayResponse(exchange, outcome, [*_SSE_HEADERS, *headers], gw.meter.finish, timeout)
     return outcome
+
+
+def _drain_orphaned_stream(task: asyncio.Task[Any], gw: Gateway, exchange: Exchange, timeout: float) -> None:
+    """A stream whose requester was cancelled as its reply arrived: read it to the end and settle it."""
+    if not task.cancelled() and task.exception() is None and isinstance(task.result(), UpstreamReply):
+        spawn(StreamRelayResponse(exchange, task.result(), [], gw.meter.finish, timeout).drain_and_finish())
 
 
 async def forward(gw: Gateway, exchange: Exchange, body: bytes, client_headers: Headers,

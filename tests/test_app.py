@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis
 
 from gateway.app import create_app
@@ -18,7 +19,8 @@ from tests.procs import start_fake_upstream, start_gateway, wait_until
 KEY = "sk-igw-test_app-dddddddddddddddd"
 
 
-def test_shutdown_mid_request_still_settles_the_usage(redis_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+def test_shutdown_mid_request_still_settles_the_usage(stream: bool, redis_url: str, tmp_path: Path) -> None:
     """SIGTERM with a 1 s grace while a 3 s image call is in flight: the call finishes and is recorded."""
     fake = start_fake_upstream("tt-app")
     cfg = {"plans": {"default": {"tokens_per_day": 100000}},
@@ -27,12 +29,14 @@ def test_shutdown_mid_request_still_settles_the_usage(redis_url: str, tmp_path: 
            "GATEWAY_GRACE_SECONDS": "1"}
     gw = start_gateway(cfg, env, tmp=tmp_path)
     result: dict[str, Any] = {}
+    body = ({"stream": True, "partial_images": 1, "fake": {"latency": 1, "event_gap": 2}} if stream
+            else {"fake": {"latency": 3}})
 
     def call() -> None:
         try:
             result["r"] = httpx.post(gw.url + "/v1/images/generations", timeout=30,
-                                     json={"prompt": "x", "quality": "low", "size": "1024x1024",
-                                           "fake": {"latency": 3}},
+                                     json={"model": "gpt-image-1", "prompt": "x", "quality": "low",
+                                           "size": "1024x1024", **body},
                                      headers={"authorization": f"Bearer {KEY}"})
         except httpx.HTTPError as exc:
             result["error"] = exc
