@@ -169,6 +169,7 @@ class Limiter:
         # Script objects run EVALSHA and reload on NoScriptError (a restarted, empty Redis).
         self._admit = client.register_script(_script("admit.lua"))
         self._settle = client.register_script(_script("settle.lua"))
+        self._cancel = client.register_script(_script("cancel.lua"))
 
     async def admit(self, *, user: str, limits: Limits, request_id: str, n: int, est_tokens: int,
                     est_usd_micros: int, now_ms: int) -> Admission:
@@ -220,6 +221,14 @@ class Limiter:
         for field, value in (record or {}).items():
             args += [field, value]
         return bool(int(await self._settle(keys=keys, args=args)))
+
+    async def cancel(self, *, user: str, request_id: str, n: int, now_ms: int) -> bool:
+        """Undo an admission the caller never learnt of (Redis timed out after admit ran); True if it had run."""
+        k = self.keys
+        periods = utc_periods(now_ms)
+        keys = [k.requests_window(user), k.images_window(user), k.inflight(user), k.reservations(user),
+                k.day_usage(user, periods.day), k.month_usage(user, periods.month), k.settled(user, request_id)]
+        return bool(int(await self._cancel(keys=keys, args=[request_id, n, self.settled_ttl_s])))
 
     async def release(self, admission: Admission, record: Mapping[str, str] | None = None) -> bool:
         """Settle a failed call: it costs nothing, but still counts as a finished request."""

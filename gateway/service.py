@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from starlette.requests import Request
@@ -16,6 +17,7 @@ from gateway.metering import Meter
 from gateway.metrics import Metrics
 from gateway.pricing import estimate
 from gateway.redis_client import REDIS_ERRORS
+from gateway.relay import spawn
 from gateway.upstream import UpstreamClient
 
 
@@ -57,11 +59,28 @@ class Gateway:
         except REDIS_ERRORS as exc:
             self.metrics.redis_errors.labels("admit").inc()
             if self.settings.redis.on_unavailable == "allow":
+                # Served unmetered; its settlement later also frees what admit may have written.
                 self.metrics.unmetered.inc()
                 return []
+            # The script may have run with only its answer lost: undo it once Redis answers again.
+            spawn(self._cancel_admission(exchange))
             raise ServiceUnavailable("The gateway's limit store is unavailable; try again shortly.") from exc
         exchange.admission = admission
         return [(k.encode(), v.encode()) for k, v in admission.headers.items()]
+
+    async def _cancel_admission(self, exchange: Exchange, attempts: int = 8) -> None:
+        """Free the slot, window entries and reservation of a request refused with 503 (bounded retries)."""
+        assert self.limiter is not None
+        delay = 0.1
+        for _ in range(attempts):
+            try:
+                await self.limiter.cancel(user=exchange.principal.user, request_id=exchange.request_id,
+                                          n=exchange.request.n, now_ms=exchange.started_ms)
+                return
+            except REDIS_ERRORS:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        # Still unreachable: the lease expires by itself (upstream timeout + 60 s after admission).
 
     async def not_ready_reason(self) -> str | None:
         if self.redis is None:

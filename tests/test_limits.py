@@ -511,3 +511,26 @@ def test_utc_periods() -> None:
     assert p.month == "2026-12" and p.month_end_ms == ms("2027-01-01T00:00:00")
     p = utc_periods(ms("2028-02-29T12:00:00"))
     assert p.day == "2028-02-29" and p.month_end_ms == ms("2028-03-01T00:00:00")
+
+
+# --- cancel (admit ran, but its answer was lost) ---------------------------------------------------
+
+
+async def test_cancel_undoes_an_admission_whose_answer_was_lost(backend: Backend, limiter: Limiter) -> None:
+    limits = Limits(requests_per_minute=1, images_per_minute=2, max_concurrent_requests=1, tokens_per_day=5000)
+    await admit(limiter, limits, "lost", T0, n=2, tokens=HIGH_1024)
+    assert await limiter.cancel(user="alice", request_id="lost", n=2, now_ms=T0)
+    await admit(limiter, limits, "next", T0 + 1, n=2, tokens=HIGH_1024)  # slot, windows, quota all free again
+    day = await usage(backend.client, KEYS.day_usage("alice", "2026-11-24"))
+    assert day["res_tokens"] == HIGH_1024 and day.get("requests", 0) == 0
+
+
+async def test_cancel_of_an_admission_that_never_ran_or_was_settled_changes_nothing(
+        backend: Backend, limiter: Limiter) -> None:
+    assert not await limiter.cancel(user="alice", request_id="never", n=1, now_ms=T0)
+    limits = Limits(tokens_per_day=10_000)
+    a = await admit(limiter, limits, "done", T0, tokens=HIGH_1024)
+    await limiter.settle(a, SettledUsage(total_tokens=100, images=1))
+    assert not await limiter.cancel(user="alice", request_id="done", n=1, now_ms=T0)
+    day = await usage(backend.client, KEYS.day_usage("alice", "2026-11-24"))
+    assert day["total_tokens"] == 100 and day["requests"] == 1

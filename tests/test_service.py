@@ -198,3 +198,41 @@ def test_admission_is_exact_on_a_redis_cluster(fake: Service, redis_cluster: Red
             result.images.generate(prompt="x")
     finally:
         gw.stop()
+
+
+async def test_admission_whose_answer_was_lost_is_undone(redis_url: str) -> None:
+    """Redis ran admit.lua but the gateway timed out reading the answer: the 503'd request must not keep
+    the user's only concurrency slot."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    from gateway.app import create_app
+    from gateway.config import parse_settings
+    from gateway.relay import drain_background_tasks
+
+    env = {"REDIS_URL": redis_url, "TTAPI_API_KEY": "k"}
+    settings = parse_settings(config({"max_concurrent_requests": 1}), env=env)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app) as state:
+        limiter = state["gateway"].limiter
+        real_admit = limiter.admit
+
+        async def admit_then_lose_the_answer(**kw: Any) -> Any:
+            await real_admit(**kw)
+            raise RedisTimeout("Timeout reading from socket")
+
+        limiter.admit = admit_then_lose_the_answer
+
+        async def with_state(scope: Any, receive: Any, send: Any) -> None:
+            scope["state"] = dict(state)
+            await app(scope, receive, send)
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(with_state), base_url="http://gw") as client:
+            r = await client.post("/v1/images/generations", json={"prompt": "x"},
+                                  headers={"authorization": f"Bearer {KEY}"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+        await drain_background_tasks(grace_seconds=10)  # the background undo has run
+        redis = aioredis.Redis.from_url(redis_url)
+        assert await redis.zcard("igw:{u:carol}:inflight") == 0
+        assert await redis.zcard("igw:{u:carol}:rpm") == 0
+        await redis.aclose()

@@ -1,0 +1,34 @@
+-- cancel.lua: undo an admission whose answer never reached the gateway (a Redis timeout after
+-- admit.lua ran): the client was told 503, so the request must not hold the user's slot,
+-- window entries or reservation. A no-op when admit never ran or the request was settled.
+-- KEYS[1]  requests window  ZSET (see admit.lua)
+-- KEYS[2]  images window    ZSET
+-- KEYS[3]  in-flight leases ZSET
+-- KEYS[4]  reservations     HASH
+-- KEYS[5]  usage of the UTC day of the admission    HASH
+-- KEYS[6]  usage of the UTC month of the admission  HASH
+-- KEYS[7]  settled marker   STRING (set here too: a late settle of this id changes nothing)
+-- ARGV[1]  request_id   ARGV[2] n (images)   ARGV[3] marker TTL s
+-- returns  1 if something was undone, 0 otherwise
+
+if not redis.call('SET', KEYS[7], '1', 'NX', 'EX', ARGV[3]) then return 0 end
+local rid = ARGV[1]
+local undone = redis.call('ZREM', KEYS[1], rid) + redis.call('ZREM', KEYS[3], rid)
+for i = 1, tonumber(ARGV[2]) do
+  undone = undone + redis.call('ZREM', KEYS[2], rid .. ':' .. i)
+end
+local rec = redis.call('HGET', KEYS[4], rid)
+if rec then
+  redis.call('HDEL', KEYS[4], rid)
+  local t, i, u, dkey, mkey = string.match(rec, '^(%d+) (%d+) (%d+)\n([^\n]*)\n(.*)$')
+  for _, k in ipairs({KEYS[5], KEYS[6]}) do
+    if k == dkey or k == mkey then
+      redis.call('HINCRBY', k, 'res_tokens', 0 - tonumber(t))
+      redis.call('HINCRBY', k, 'res_images', 0 - tonumber(i))
+      redis.call('HINCRBY', k, 'res_usd_micros', 0 - tonumber(u))
+    end
+  end
+  undone = undone + 1
+end
+if undone > 0 then return 1 end
+return 0
