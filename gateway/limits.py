@@ -143,7 +143,9 @@ RedisClient = Redis | RedisCluster
 
 
 def _script(name: str) -> str:
-    return resources.files("gateway").joinpath("lua", name).read_text(encoding="utf-8")
+    """A Lua script with the shared functions of lib.lua in front of it."""
+    lua = resources.files("gateway").joinpath("lua")
+    return lua.joinpath("lib.lua").read_text(encoding="utf-8") + lua.joinpath(name).read_text(encoding="utf-8")
 
 
 def _text(value: Any) -> str:

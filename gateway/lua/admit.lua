@@ -49,19 +49,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
 -- Bounded per call; leftovers are skipped by the ZCOUNT below and reclaimed next time.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 256)
 for _, id in ipairs(expired) do
-  local rec = redis.call('HGET', KEYS[4], id)
-  if rec then
-    redis.call('HDEL', KEYS[4], id)
-    local t, i, u, dkey, mkey = string.match(rec, '^(%d+) (%d+) (%d+)\n([^\n]*)\n(.*)$')
-    for _, k in ipairs({KEYS[5], KEYS[6]}) do
-      if k == dkey or k == mkey then
-        -- 0 - x, not -x: -0 would reach Redis as "-0", which HINCRBY refuses.
-        redis.call('HINCRBY', k, 'res_tokens', 0 - tonumber(t))
-        redis.call('HINCRBY', k, 'res_images', 0 - tonumber(i))
-        redis.call('HINCRBY', k, 'res_usd_micros', 0 - tonumber(u))
-      end
-    end
-  end
+  release_reservation(KEYS[4], id, KEYS[5], KEYS[6])
   redis.call('ZREM', KEYS[3], id)
 end
 

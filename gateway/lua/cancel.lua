@@ -17,18 +17,6 @@ local undone = redis.call('ZREM', KEYS[1], rid) + redis.call('ZREM', KEYS[3], ri
 for i = 1, tonumber(ARGV[2]) do
   undone = undone + redis.call('ZREM', KEYS[2], rid .. ':' .. i)
 end
-local rec = redis.call('HGET', KEYS[4], rid)
-if rec then
-  redis.call('HDEL', KEYS[4], rid)
-  local t, i, u, dkey, mkey = string.match(rec, '^(%d+) (%d+) (%d+)\n([^\n]*)\n(.*)$')
-  for _, k in ipairs({KEYS[5], KEYS[6]}) do
-    if k == dkey or k == mkey then
-      redis.call('HINCRBY', k, 'res_tokens', 0 - tonumber(t))
-      redis.call('HINCRBY', k, 'res_images', 0 - tonumber(i))
-      redis.call('HINCRBY', k, 'res_usd_micros', 0 - tonumber(u))
-    end
-  end
-  undone = undone + 1
-end
+if release_reservation(KEYS[4], rid, KEYS[5], KEYS[6]) then undone = undone + 1 end
 if undone > 0 then return 1 end
 return 0

@@ -22,19 +22,7 @@ redis.call('ZREM', KEYS[1], rid)
 
 -- Give the reservation back unless admit already reclaimed it (the lease expired).
 -- Only the period keys it was made in are released, as admit does.
-local rec = redis.call('HGET', KEYS[2], rid)
-if rec then
-  redis.call('HDEL', KEYS[2], rid)
-  local t, i, u, dkey, mkey = string.match(rec, '^(%d+) (%d+) (%d+)\n([^\n]*)\n(.*)$')
-  for _, k in ipairs({KEYS[3], KEYS[4]}) do
-    if k == dkey or k == mkey then
-      -- 0 - x, not -x: -0 would reach Redis as "-0", which HINCRBY refuses.
-      redis.call('HINCRBY', k, 'res_tokens', 0 - tonumber(t))
-      redis.call('HINCRBY', k, 'res_images', 0 - tonumber(i))
-      redis.call('HINCRBY', k, 'res_usd_micros', 0 - tonumber(u))
-    end
-  end
-end
+release_reservation(KEYS[2], rid, KEYS[3], KEYS[4])
 
 -- Every finished admitted request counts in `requests`, whatever its status.
 for j, k in ipairs({KEYS[3], KEYS[4]}) do
