@@ -10,7 +10,7 @@ RUN python -m venv --without-pip /opt/venv
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 RUN pip --python /opt/venv/bin/python install --no-cache-dir . \
-    && /opt/venv/bin/python -I -c "import gateway.cli, uvloop, httptools"
+    && /opt/venv/bin/python -I -c "import gateway.cli.main, uvloop, httptools"
 
 
 FROM python:3.11-slim

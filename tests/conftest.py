@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.procs import RedisCluster, RedisServer
+from tests.support.procs import RedisCluster, RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from gateway.config import key_digest
-from tests.procs import running, start_fake_upstream, start_gateway
+from tests.support.procs import running, start_fake_upstream, start_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

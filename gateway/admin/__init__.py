@@ -1,0 +1,1 @@
+"""Admin API and CLI: keys and usage reports."""

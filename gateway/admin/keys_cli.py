@@ -1,0 +1,143 @@
+"""``gateway keys create|list|revoke``: the admin API's key operations, straight against Redis.
+
+They run the same ``KeyStore`` code as ``POST/GET/DELETE /admin/keys``, with the Redis URL
+and key prefix of ``--config`` (default ``$GATEWAY_CONFIG``; ``REDIS_URL`` overrides).
+Exit status: 0 done, 1 unknown key id or Redis unavailable, 2 bad arguments or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import yaml
+
+from gateway.cli.main import settings_or_report
+from gateway.config import Settings
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.auth.keystore import KeyStore, key_object
+from gateway.redisdb.client import open_redis
+from gateway.redisdb.keys import RedisKeys
+
+
+def _limit(text: str) -> tuple[str, Any]:
+    """``name=value``; the value is read as YAML, like the config file (``60``, ``2.5``, ``null``)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected name=value, got {text!r}")
+    try:
+        return name.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return name.strip(), value
+
+
+async def _with_store(settings: Settings, action: Callable[[KeyStore], Awaitable[int]]) -> int:
+    client = open_redis(settings.redis)
+    try:
+        return await action(KeyStore(client, RedisKeys(settings.redis.key_prefix), settings))
+    finally:
+        await client.aclose()
+
+
+def _run(args: argparse.Namespace, action: Callable[[KeyStore], Awaitable[int]]) -> int:
+    settings = settings_or_report(args.config)
+    if settings is None:
+        return 2
+    try:
+        return asyncio.run(_with_store(settings, action))
+    except InvalidRequest as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def _create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"user": args.user}
+    for name in ("team", "plan", "name", "expires_at"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    if args.limit:
+        body["limits"] = dict(args.limit)
+    if args.model:
+        body["models"] = list(args.model)
+
+    async def action(store: KeyStore) -> int:
+        created = await store.create(body)
+        if args.json:
+            print(json.dumps(created.as_dict(), indent=2))
+        else:
+            print(f"id:  {created.record.id}")
+            print(f"key: {created.key}")
+            print("The key is shown only this once: store it now.", file=sys.stderr)
+        return 0
+
+    return _run(args, action)
+
+
+def _list(args: argparse.Namespace) -> int:
+    async def action(store: KeyStore) -> int:
+        records = await store.list(args.user)
+        if args.json:
+            print(json.dumps({"data": [key_object(r) for r in records]}, indent=2))
+            return 0
+        rows = [("ID", "USER", "TEAM", "PLAN", "NAME", "CREATED", "EXPIRES", "MODELS", "LIMITS")]
+        for r in records:
+            rows.append((r.id, r.user, r.team or "-", r.plan, r.name or "-", r.created_at, r.expires_at or "-",
+                         ",".join(r.models) if r.models is not None else "*",
+                         ",".join(f"{k}={v}" for k, v in sorted(r.limits.items())) or "-"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        return 0
+
+    return _run(args, action)
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    async def action(store: KeyStore) -> int:
+        if not await store.revoke(args.id):
+            print("error: no key with that id", file=sys.stderr)
+            return 1
+        print(f"revoked {args.id}")
+        return 0
+
+    return _run(args, action)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``keys create|list|revoke`` to the ``gateway`` command."""
+    keys = subparsers.add_parser("keys", help="create, list and revoke gateway keys (in Redis)")
+    sub = keys.add_subparsers(dest="keys_command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
+        return p
+
+    create = add("create", "create a key; prints it once")
+    create.add_argument("--user", required=True)
+    create.add_argument("--team")
+    create.add_argument("--plan", help="a plan of the config (default: default)")
+    create.add_argument("--name", help="a label for people")
+    create.add_argument("--expires-at", dest="expires_at", help="ISO 8601 UTC, e.g. 2027-01-31T00:00:00Z")
+    create.add_argument("--limit", action="append", type=_limit, metavar="NAME=VALUE",
+                        help="a per-key limit override, e.g. requests_per_minute=10 (null: unlimited); repeatable")
+    create.add_argument("--model", action="append", metavar="MODEL",
+                        help="allow only this model (repeatable); default: the plan's models")
+    create.add_argument("--json", action="store_true", help="print the key object as JSON")
+    create.set_defaults(func=_create)
+
+    listing = add("list", "list a user's keys (never the keys themselves)")
+    listing.add_argument("--user", required=True)
+    listing.add_argument("--json", action="store_true", help='print {"data": [...]} as the admin API does')
+    listing.set_defaults(func=_list)
+
+    revoke = add("revoke", "revoke a key by id; every replica refuses it within 5 s")
+    revoke.add_argument("id", help="the key's id, e.g. key_ab12cd34")
+    revoke.set_defaults(func=_revoke)

@@ -1,0 +1,132 @@
+"""``gateway usage totals|export``: the usage admin API, straight against Redis.
+
+Same reading code as ``GET /admin/usage`` and ``GET /admin/usage/records`` (``gateway.metering.ledger``),
+with the Redis URL and key prefix of ``--config`` (default ``$GATEWAY_CONFIG``; ``REDIS_URL``
+overrides). Exit status: 0 done, 1 Redis unavailable, 2 bad arguments or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from typing import IO, Any
+
+from gateway.admin.usage_api import parse_format, parse_range, parse_user
+from gateway.cli.main import settings_or_report
+from gateway.config import Settings
+from gateway.errors import InvalidRequest
+from gateway.metering.ledger import export_lines, iter_records, period_totals
+from gateway.redisdb.client import REDIS_ERRORS, open_redis
+from gateway.redisdb.keys import RedisKeys
+
+PROGRESS_EVERY_S = 1.0
+
+
+class Progress:
+    """A record counter on stderr, rewritten in place on a terminal, a line per second otherwise."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.count = 0
+        self._tty = stream.isatty()
+        self._last = time.monotonic()
+
+    def tick(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_EVERY_S:
+            self._last = now
+            self._show(final=False)
+
+    def done(self) -> None:
+        self._show(final=True)
+
+    def _show(self, *, final: bool) -> None:
+        text = f"exported {self.count} records"
+        if self._tty:
+            self.stream.write("\r" + text + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+async def _totals(settings: Settings, args: argparse.Namespace, out: IO[bytes]) -> int:
+    user = parse_user(args.user, required=True)
+    assert user is not None
+    client = open_redis(settings.redis)
+    try:
+        try:
+            totals = await period_totals(client, RedisKeys(settings.redis.key_prefix), user, args.period)
+        except ValueError:
+            raise InvalidRequest("--period must be a UTC day YYYY-MM-DD or month YYYY-MM.",
+                                 param="period") from None
+    finally:
+        await client.aclose()
+    out.write(json.dumps(totals, indent=2).encode() + b"\n")
+    return 0
+
+
+async def _export(settings: Settings, args: argparse.Namespace, out: IO[bytes]) -> int:
+    start_ms, end_ms = parse_range(args.start, args.end)
+    user = parse_user(args.user, required=False)
+    fmt = parse_format(args.format)
+    client = open_redis(settings.redis)
+    progress = Progress(sys.stderr)
+    try:
+        records = iter_records(client, RedisKeys(settings.redis.key_prefix), start_ms, end_ms, user=user)
+        async for line in export_lines(_counted(records, progress), fmt):
+            out.write(line)
+    finally:
+        await client.aclose()
+    progress.done()
+    return 0
+
+
+async def _counted(records: Any, progress: Progress) -> Any:
+    async for record in records:
+        progress.tick()
+        yield record
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = settings_or_report(args.config)
+    if settings is None:
+        return 2
+    try:
+        with contextlib.ExitStack() as stack:
+            output = getattr(args, "output", None)
+            out = stack.enter_context(open(output, "wb")) if output else sys.stdout.buffer
+            code = asyncio.run(args.action(settings, args, out))
+            out.flush()
+            return int(code)
+    except InvalidRequest as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except REDIS_ERRORS as exc:
+        print(f"error: Redis unavailable or output not writable ({type(exc).__name__})", file=sys.stderr)
+        return 1
+
+
+def register(subparsers: Any) -> None:
+    """Add ``gateway usage totals|export`` to the ``gateway`` command."""
+    usage = subparsers.add_parser("usage", help="usage totals and record export (billing)")
+    sub = usage.add_subparsers(dest="usage_command", required=True)
+
+    totals = sub.add_parser("totals", help="a user's usage in a UTC day or month (as GET /admin/usage)")
+    totals.add_argument("--user", required=True)
+    totals.add_argument("--period", required=True, help="YYYY-MM-DD (UTC day) or YYYY-MM (UTC month)")
+    totals.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
+    totals.set_defaults(func=_run, action=_totals)
+
+    export = sub.add_parser("export", help="records with from <= time < to (as GET /admin/usage/records)")
+    export.add_argument("--from", dest="start", required=True, help="ISO 8601, e.g. 2026-11-01T00:00:00Z")
+    export.add_argument("--to", dest="end", required=True, help="ISO 8601, exclusive")
+    export.add_argument("--user", default=None, help="only this user (default: every user)")
+    export.add_argument("--format", default="csv", choices=("csv", "jsonl"))
+    export.add_argument("--output", default=None, help="file to write (default: stdout)")
+    export.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
+    export.set_defaults(func=_run, action=_export)

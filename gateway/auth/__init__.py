@@ -1,0 +1,1 @@
+"""Who is calling: gateway keys, the key store, the brute-force guard."""

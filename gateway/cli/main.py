@@ -1,0 +1,99 @@
+"""The ``gateway`` command: serve, check-config, keys, usage, fake-upstream, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from gateway.config import ConfigError, Settings, load_settings
+
+
+def settings_or_report(path: str | None) -> Settings | None:
+    """Settings for a CLI command, or None after printing the config error (exit status 2)."""
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.http.server import serve
+
+    return serve(args.config, host=args.host, port=args.port, workers=args.workers)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = settings_or_report(args.path)
+    if settings is None:
+        return 2
+    print(f"ok: {len(settings.models)} models, {len(settings.plans)} plans, {len(settings.keys)} fixed keys, "
+          f"{len(settings.upstream.api_keys)} upstream keys from TTAPI_API_KEY")
+    return 0
+
+
+def _fake_upstream(args: argparse.Namespace) -> int:
+    from gateway.devtools.fake_upstream import serve_from_args
+
+    return serve_from_args(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.devtools.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=None, help="uvicorn workers (default: $GATEWAY_WORKERS or 1)")
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file without starting")
+    check.add_argument("path")
+    check.set_defaults(func=_check_config)
+
+    fake = sub.add_parser("fake-upstream", help="a local stand-in for TTAPI (demos, tests, benchmarks)")
+    from gateway.devtools.fake_upstream import add_arguments as add_fake_arguments
+
+    add_fake_arguments(fake)
+    fake.set_defaults(func=_fake_upstream)
+
+    demo = sub.add_parser("demo", help="run Redis, the fake upstream and the gateway locally")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.set_defaults(func=_demo)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands() -> list:  # type: ignore[type-arg]
+    """Subcommands defined in their own modules (keys, usage)."""
+    registers = []
+    try:
+        from gateway.admin.keys_cli import register as register_keys
+
+        registers.append(register_keys)
+    except ImportError:
+        pass
+    try:
+        from gateway.admin.usage_cli import register as register_usage
+
+        registers.append(register_usage)
+    except ImportError:
+        pass
+    return registers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

@@ -1,0 +1,450 @@
+"""A local stand-in for TTAPI: OpenAI's image API with tiny real images, table usage and fault knobs.
+
+Routes: ``POST /v1/images/generations`` (``TT-API-KEY`` auth), ``GET /files/{name}`` (dall-e
+``url`` results), ``GET /healthz``, ``GET /_fake/stats``, ``POST /_fake/reset``; else a 404.
+
+Usage (gpt-image models): output tokens per image from ``gateway.metering.estimates`` by size and
+quality (size ``auto`` is 1024x1024, quality ``auto`` is medium: what the image "came out"
+as, while the gateway reserves for high) times ``n``; input text tokens
+``estimates.text_tokens(prompt)``; input image tokens 0. A stream puts usage on its
+``image_generation.completed`` events: each has its own image's output tokens and the first
+also the input tokens, so they sum to the usage of the same request unstreamed.
+
+Knobs, CLI defaults overridden per request by a body field ``"fake": {...}``: ``latency``
+(s before answering), ``event_gap`` (s between SSE events), ``status`` (answer this error),
+``hang`` (never answer), ``cut_after`` (drop the connection after N SSE events; unstreamed:
+after N body bytes), ``pad_bytes`` (each image about this big), ``usage`` (false: omit it),
+``created`` (a fixed timestamp, for byte-identical answers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.devtools import fake_images
+from gateway.metering import estimates
+
+DEFAULT_PORT = 9090
+DALL_E = ("dall-e-2", "dall-e-3")
+_SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+_FILE = re.compile(r"^([0-9a-f]{16})-(\d+)\.(png|jpeg|webp)$")
+_ERRORS = {  # status -> (type, code) of OpenAI's error body
+    400: ("invalid_request_error", "invalid_value"), 401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "forbidden"), 404: ("invalid_request_error", None),
+    429: ("requests", "rate_limit_exceeded"), 500: ("server_error", "server_error"),
+    502: ("server_error", "bad_gateway"), 503: ("server_error", "service_unavailable"),
+}
+_USAGE_FIELDS = ("input_text_tokens", "input_image_tokens", "output_tokens", "total_tokens", "images")
+
+
+@dataclass(frozen=True)
+class FakeOptions:
+    """Server settings; the knob fields are defaults that a request's ``fake`` object overrides."""
+
+    keys: frozenset[str] = frozenset()  # accepted TT-API-KEYs; empty: any non-empty key
+    refuse_keys: frozenset[str] = frozenset()  # answered 403
+    latency: float = 0.0
+    event_gap: float = 0.0
+    status: int | None = None
+    hang: bool = False
+    cut_after: int | None = None
+    pad_bytes: int = 0
+    usage: bool = True
+    created: int | None = None  # fixed ``created``/``created_at`` (byte-identical answers); None: now
+
+    def now(self) -> int:
+        return int(time.time()) if self.created is None else self.created
+
+
+_KNOB_TYPES: dict[str, type] = {"latency": float, "event_gap": float, "status": int, "hang": bool,
+                                "cut_after": int, "pad_bytes": int, "usage": bool, "created": int}
+
+
+class FakeError(Exception):
+    """An OpenAI-shaped error answer."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.type, default_code = _ERRORS.get(status, ("server_error" if status >= 500 else
+                                                       "invalid_request_error", None))
+        self.code = code or default_code
+
+    def response(self) -> web.Response:
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return web.Response(status=self.status, body=orjson.dumps({"error": error}),
+                            content_type="application/json")
+
+
+def _zero_usage() -> dict[str, int]:
+    return dict.fromkeys(_USAGE_FIELDS, 0)
+
+
+@dataclass
+class Stats:
+    """What the fake served, for tests to reconcile with what the gateway metered."""
+
+    requests: int = 0
+    by_status: Counter[int] = field(default_factory=Counter)
+    aborted: int = 0  # the client went away before the answer was complete
+    cut: int = 0  # connections dropped on purpose (cut_after)
+    files_served: int = 0
+    usage: dict[str, int] = field(default_factory=_zero_usage)
+    by_model: dict[str, dict[str, int]] = field(default_factory=dict)
+    recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=200))
+
+    def reset(self) -> None:
+        self.__dict__.update(vars(Stats()))
+
+    def begin(self, request: web.Request) -> dict[str, Any]:
+        self.requests += 1
+        entry = {"method": request.method, "path": request.path, "status": None, "model": None,
+                 "headers": {k.lower(): v for k, v in request.headers.items()}, "raw": None, "body": None}
+        self.recent.append(entry)
+        return entry
+
+    def answered(self, entry: dict[str, Any], status: int) -> None:
+        entry["status"] = status
+        self.by_status[status] += 1
+
+    def model(self, name: str) -> dict[str, int]:
+        if name not in self.by_model:
+            self.by_model[name] = {"requests": 0, **_zero_usage()}
+        return self.by_model[name]
+
+    def add_usage(self, model: str, usage: dict[str, Any] | None, images: int) -> None:
+        for totals in (self.usage, self.model(model)):
+            totals["images"] += images
+            if usage:
+                totals["input_text_tokens"] += usage["input_tokens_details"]["text_tokens"]
+                totals["input_image_tokens"] += usage["input_tokens_details"]["image_tokens"]
+                totals["output_tokens"] += usage["output_tokens"]
+                totals["total_tokens"] += usage["total_tokens"]
+
+    def as_json(self) -> dict[str, Any]:
+        by_status = {str(k): v for k, v in sorted(self.by_status.items())}
+        return {"requests": self.requests, "by_status": by_status,
+                "aborted": self.aborted, "cut": self.cut, "files_served": self.files_served,
+                "usage": self.usage, "by_model": self.by_model, "recent": list(self.recent)}
+
+
+OPTIONS = web.AppKey("options", FakeOptions)
+STATS = web.AppKey("stats", Stats)
+
+
+def _knobs(raw: Any, options: FakeOptions) -> FakeOptions:
+    """``options`` with the request's ``fake`` object applied."""
+    if raw is None:
+        return options
+    if not isinstance(raw, dict):
+        raise FakeError(400, "'fake' must be an object", "fake")
+    for name, value in raw.items():
+        kind = _KNOB_TYPES.get(name)
+        if kind is None:
+            raise FakeError(400, f"unknown fake knob {name!r}; known: {', '.join(_KNOB_TYPES)}",
+                            f"fake.{name}")
+        if kind is bool:
+            valid = isinstance(value, bool)
+        else:  # a non-negative number (an integer where kind is int); a status is an error status
+            valid = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 and \
+                (kind is float or isinstance(value, int)) and (name != "status" or 400 <= value <= 599)
+        if not valid and value is not None:
+            raise FakeError(400, f"invalid value for fake.{name}: {value!r}", f"fake.{name}")
+    return replace(options, **{name: value for name, value in raw.items() if value is not None})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated generation request, resolved the way the fake 'generated' it."""
+
+    model: str
+    prompt: str
+    n: int
+    size: str
+    quality: str
+    background: str
+    output_format: str
+    response_format: str
+    partial_images: int
+    stream: bool
+
+    @property
+    def gpt_image(self) -> bool:
+        return self.model.startswith("gpt-image")
+
+    def usage(self, images: int, with_input: bool = True) -> dict[str, Any]:
+        text = estimates.text_tokens(self.prompt) if with_input else 0
+        output = estimates.output_tokens_per_image(self.size, self.quality) * images
+        return {"input_tokens": text, "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
+                "output_tokens": output, "total_tokens": text + output}
+
+
+def _choice(body: dict[str, Any], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = body.get(name)
+    if value is None:
+        return default
+    if value not in allowed:
+        raise FakeError(400, f"Invalid value: {value!r}. Supported values are: {', '.join(allowed)}.", name)
+    return str(value)
+
+
+def _plan(body: dict[str, Any]) -> Plan:
+    prompt, model, n = body.get("prompt"), body.get("model") or "dall-e-2", body.get("n", 1)
+    if not isinstance(prompt, str) or not prompt:
+        raise FakeError(400, "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    if not isinstance(model, str) or not (model.startswith("gpt-image") or model in DALL_E):
+        raise FakeError(400, f"Invalid value: {model!r}. The model does not exist.", "model")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= (1 if model == "dall-e-3" else 10):
+        raise FakeError(400, f"Invalid value for 'n': {n!r}.", "n")
+    stream, partial = body.get("stream") is True, body.get("partial_images") or 0
+    if not isinstance(partial, int) or not 0 <= partial <= 3:
+        raise FakeError(400, f"Invalid value for 'partial_images': {partial!r}.", "partial_images")
+    if model in DALL_E:
+        if stream:
+            raise FakeError(400, f"Streaming is not supported for {model}.", "stream")
+        sizes = ("256x256", "512x512", "1024x1024") if model == "dall-e-2" else ("1024x1024", "1792x1024",
+                                                                                 "1024x1792")
+        return Plan(model, prompt, n, _choice(body, "size", sizes, "1024x1024"),
+                    _choice(body, "quality", ("standard", "hd"), "standard"), "opaque", "png",
+                    _choice(body, "response_format", ("url", "b64_json"), "url"), 0, False)
+    size = body.get("size") or "auto"
+    if size == "auto":
+        size = "1024x1024"
+    elif not isinstance(size, str) or not _SIZE.match(size):
+        raise FakeError(400, f"Invalid value for 'size': {size!r}.", "size")
+    quality = _choice(body, "quality", ("low", "medium", "high", "auto"), "auto")
+    background = _choice(body, "background", ("transparent", "opaque", "auto"), "auto")
+    return Plan(model, prompt, n, size, "medium" if quality == "auto" else quality,
+                "opaque" if background == "auto" else background,
+                _choice(body, "output_format", fake_images.FORMATS, "png"), "b64_json", partial, stream)
+
+
+def _json_body(plan: Plan, knobs: FakeOptions, base_url: str) -> dict[str, Any]:
+    data: list[dict[str, Any]] = []
+    for i in range(plan.n):
+        seed = fake_images.image_seed(plan.prompt, i)
+        item: dict[str, Any] = {}
+        if plan.response_format == "url":
+            item["url"] = f"{base_url}/files/{seed.hex()}-{knobs.pad_bytes}.{plan.output_format}"
+        else:
+            item["b64_json"] = fake_images.encode_b64(plan.output_format, seed, knobs.pad_bytes)
+        if plan.model == "dall-e-3":
+            item["revised_prompt"] = f"A detailed rendering of: {plan.prompt}"
+        data.append(item)
+    answer: dict[str, Any] = {"created": knobs.now(), "data": data}
+    if plan.gpt_image:
+        answer.update(background=plan.background, output_format=plan.output_format, quality=plan.quality,
+                      size=plan.size)
+        if knobs.usage:
+            answer["usage"] = plan.usage(plan.n)
+    return answer
+
+
+def _events(plan: Plan, knobs: FakeOptions) -> Iterator[tuple[bytes, dict[str, Any] | None, bool]]:
+    """(SSE bytes, usage, completed?) for each event: partial images, then the final image, per image."""
+    def event(kind: str, index: int, partial: int = -1) -> dict[str, Any]:
+        seed = fake_images.image_seed(plan.prompt, index, partial)
+        return {"type": f"image_generation.{kind}", "created_at": knobs.now(), "size": plan.size,
+                "quality": plan.quality, "background": plan.background, "output_format": plan.output_format,
+                "b64_json": fake_images.encode_b64(plan.output_format, seed, knobs.pad_bytes)}
+
+    for i in range(plan.n):
+        for k in range(plan.partial_images):
+            yield _sse({**event("partial_image", i, k), "partial_image_index": k}), None, False
+        completed = event("completed", i)
+        usage = plan.usage(1, with_input=i == 0) if knobs.usage else None
+        if usage:
+            completed["usage"] = usage
+        yield _sse(completed), usage, True
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def _drop_connection(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()  # close, not abort: what was written still reaches the client
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    stats = request.app[STATS]
+    entry = stats.begin(request)
+    try:
+        return await _generate(request, entry, stats)
+    except FakeError as exc:
+        stats.answered(entry, exc.status)
+        return exc.response()
+    except asyncio.CancelledError:  # the client went away while we waited (handler_cancellation)
+        stats.aborted += 1
+        raise
+    except ConnectionError:  # the client went away while we wrote; aiohttp finishes quietly
+        stats.aborted += 1
+        return web.Response()
+
+
+async def _generate(request: web.Request, entry: dict[str, Any], stats: Stats) -> web.StreamResponse:
+    options = request.app[OPTIONS]
+    raw = await request.read()
+    entry["raw"] = raw.decode("utf-8", "replace")
+    try:  # parsed before the key check, so that stats show what a refused request carried
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict):
+        entry["model"], entry["body"] = body.get("model"), body
+    key = request.headers.get("TT-API-KEY", "")
+    if key in options.refuse_keys:
+        raise FakeError(403, "This API key is not allowed to use this service.")
+    if not key or (options.keys and key not in options.keys):
+        raise FakeError(401, "Incorrect API key provided.")
+    if not isinstance(body, dict):
+        raise FakeError(400, "We could not parse the JSON body of your request (a JSON object).")
+    knobs = _knobs(body.get("fake"), options)
+    plan = _plan(body)
+    stats.model(plan.model)["requests"] += 1
+    if knobs.hang:
+        await asyncio.Future()  # cancelled when the client goes away (handler_cancellation)
+    if knobs.latency:
+        await asyncio.sleep(knobs.latency)
+    if knobs.status:
+        raise FakeError(knobs.status, f"Fake upstream error {knobs.status} (requested with fake.status).")
+    if plan.stream:
+        return await _stream(request, entry, stats, plan, knobs)
+    payload = orjson.dumps(_json_body(plan, knobs, f"{request.scheme}://{request.host}"))
+    stats.answered(entry, 200)
+    if knobs.cut_after is None:
+        stats.add_usage(plan.model, plan.usage(plan.n) if plan.gpt_image and knobs.usage else None, plan.n)
+        return web.Response(body=payload, content_type="application/json")
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(payload)
+    await response.prepare(request)
+    await response.write(payload[:min(knobs.cut_after, len(payload) - 1)])
+    stats.cut += 1
+    _drop_connection(request)
+    return response
+
+
+async def _stream(request: web.Request, entry: dict[str, Any], stats: Stats, plan: Plan,
+                  knobs: FakeOptions) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    stats.answered(entry, 200)
+    for sent, (event, usage, completed) in enumerate(_events(plan, knobs)):
+        if knobs.cut_after is not None and sent >= knobs.cut_after:
+            break
+        if sent and knobs.event_gap:
+            await asyncio.sleep(knobs.event_gap)
+        await response.write(event)  # each write goes to the socket as its own chunk: no batching
+        if completed:
+            stats.add_usage(plan.model, usage, 1)
+    if knobs.cut_after is not None:
+        stats.cut += 1
+        _drop_connection(request)
+        return response
+    await response.write_eof()
+    return response
+
+
+async def download(request: web.Request) -> web.Response:
+    match = _FILE.match(request.match_info["name"])
+    if match is None:
+        return FakeError(404, f"No such file: {request.match_info['name']}").response()
+    seed, pad, fmt = bytes.fromhex(match[1]), int(match[2]), match[3]
+    request.app[STATS].files_served += 1
+    return web.Response(body=fake_images.encode(fmt, seed, pad), content_type=fake_images.MEDIA_TYPES[fmt])
+
+
+async def not_found(request: web.Request) -> web.Response:
+    stats = request.app[STATS]
+    entry = stats.begin(request)
+    stats.answered(entry, 404)
+    return FakeError(404, f"Invalid URL ({request.method} {request.path})").response()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def stats_view(request: web.Request) -> web.Response:
+    return web.Response(body=orjson.dumps(request.app[STATS].as_json()), content_type="application/json")
+
+
+async def reset(request: web.Request) -> web.Response:
+    request.app[STATS].reset()
+    return web.Response(status=204)
+
+
+def create_app(options: FakeOptions | None = None) -> web.Application:
+    """The fake upstream as an aiohttp app (serve it with ``handler_cancellation=True``)."""
+    app = web.Application(client_max_size=8 * 1024 * 1024)
+    app[OPTIONS] = options or FakeOptions()
+    app[STATS] = Stats()
+    app.router.add_post("/v1/images/generations", generate)
+    app.router.add_get("/files/{name}", download)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/_fake/stats", stats_view)
+    app.router.add_post("/_fake/reset", reset)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(options: FakeOptions | None = None, host: str = "127.0.0.1",
+                           port: int = 0) -> AsyncIterator[str]:
+    """Serve the fake on this event loop (a free port by default); yields its base URL."""
+    runner = web.AppRunner(create_app(options), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0]
+    try:
+        yield f"http://{bound[0]}:{bound[1]}"
+    finally:
+        await runner.cleanup()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``gateway fake-upstream``."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--key", action="append", default=[],
+                        help="accepted TT-API-KEY (repeatable, or comma-separated); none: any key")
+    parser.add_argument("--refuse-key", action="append", default=[],
+                        help="a TT-API-KEY answered 403 (repeatable)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--event-gap", type=float, default=0.0, help="seconds between SSE events")
+    parser.add_argument("--pad-bytes", type=int, default=0, help="pad each image to about this many bytes")
+
+
+def options_from_args(args: argparse.Namespace) -> FakeOptions:
+    def split(values: list[str]) -> frozenset[str]:
+        return frozenset(k.strip() for value in values for k in value.split(",") if k.strip())
+
+    return FakeOptions(keys=split(args.key), refuse_keys=split(args.refuse_key), latency=args.latency,
+                       event_gap=args.event_gap, pad_bytes=args.pad_bytes)
+
+
+def serve_from_args(args: argparse.Namespace) -> int:
+    """Run the fake until SIGINT/SIGTERM."""
+    loop = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    web.run_app(create_app(options_from_args(args)), host=args.host, port=args.port, access_log=None,
+                handler_cancellation=True, shutdown_timeout=1, loop=loop,
+                print=lambda _: print(f"fake upstream on http://{args.host}:{args.port}", flush=True))
+    return 0

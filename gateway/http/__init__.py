@@ -1,0 +1,1 @@
+"""HTTP front door: the ASGI app, routes, the server."""

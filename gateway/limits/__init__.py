@@ -1,0 +1,1 @@
+"""Per-user rate limits and quotas in Redis (Lua scripts in lua/)."""

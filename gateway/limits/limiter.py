@@ -1,0 +1,268 @@
+"""Per-user rate limits and quotas in Redis: one script before the upstream call, one after.
+
+``Limiter.admit`` runs ``lua/admit.lua`` (one EVALSHA). It checks, in this order,
+max_concurrent_requests, requests_per_minute, images_per_minute, then the quotas
+tokens_per_day, tokens_per_month, images_per_day, images_per_month, usd_per_month; the
+first that fails is the one reported, and a refused request writes nothing. An admitted
+request is logged in the per-minute windows, holds a lease on a concurrency slot and
+reserves its estimate (tokens, images, usd) in the day and month usage hashes.
+
+``Limiter.settle`` runs ``lua/settle.lua`` (one EVALSHA) once the upstream answered: it
+frees the slot and the reservation, adds the reported usage to the admission's day and
+month, and appends a ledger record. It is idempotent on the request id.
+
+Redis layout, every key under the user's hash tag (one Cluster slot; ``RedisKeys``):
+
+==================  ======  ===========================================  ======================
+key                 type    content                                      TTL
+==================  ======  ===========================================  ======================
+``rpm``             zset    request_id -> admission ms                   window (60 s)
+``ipm``             zset    ``request_id:i`` (n per request) -> ms       window (60 s)
+``inflight``        zset    request_id -> lease deadline ms              lease
+``res``             hash    request_id -> reserved amounts, period keys  lease
+``d:YYYY-MM-DD``    hash    usage of a UTC day (fields below)            ``day_ttl_s`` (400 d)
+``m:YYYY-MM``       hash    usage of a UTC month                         ``month_ttl_s`` (800 d)
+``settled:<id>``    string  settle dedupe marker                         ``settled_ttl_s`` (3 d)
+``ledger``          stream  one record per finished request              MAXLEN ~ ledger_maxlen
+==================  ======  ===========================================  ======================
+
+Usage hash fields: settled ``requests images input_tokens input_text_tokens
+input_image_tokens output_tokens total_tokens usd_micros`` and outstanding reservations
+``res_tokens res_images res_usd_micros``. Money is integer micro-dollars so sums are exact.
+Every admitted request is logged, leased and reserved, whether or not the key it came
+through has limits: a user's limits count all of the user's requests, whichever key (and
+key overrides) they used. A lease that passes its deadline without a settle (the worker
+died) is reclaimed by the next admit of that user: its slot and reservation come back on
+their own; a settle that comes later still adds its usage. Usage counts in the UTC day and
+month the request was admitted in. A retried admit of the same request id (its first reply
+was lost) is answered as admitted without counting twice.
+
+With ``redis.asyncio.RedisCluster``, ``await client.initialize()`` before serving: redis-py
+8.1 routes the first commands of an uninitialised client blindly, and the MOVED re-mapping
+that follows breaks connections that are still opening under a burst.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis, RedisCluster
+
+from gateway.config import Limits
+from gateway.errors import QuotaExceeded, RateLimited
+from gateway.redisdb.keys import RedisKeys
+
+WINDOW_MS = 60_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_QUOTA_UNITS = {"tokens_per_day": "tokens", "tokens_per_month": "tokens", "images_per_day": "images",
+                "images_per_month": "images", "usd_per_month": "USD"}
+
+
+@dataclass(frozen=True, slots=True)
+class Periods:
+    """The UTC day and month of an instant, and when each ends (ms since the epoch)."""
+
+    day: str  # YYYY-MM-DD
+    month: str  # YYYY-MM
+    day_end_ms: int
+    month_end_ms: int
+
+
+def utc_periods(now_ms: int) -> Periods:
+    """The UTC calendar day and month containing ``now_ms``."""
+    now = _EPOCH + timedelta(milliseconds=now_ms)
+    day_start = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    next_month = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
+    return Periods(day=f"{now:%Y-%m-%d}", month=f"{now:%Y-%m}",
+                   day_end_ms=_ms(day_start + timedelta(days=1)), month_end_ms=_ms(next_month))
+
+
+def _ms(dt: datetime) -> int:
+    return (dt - _EPOCH) // timedelta(milliseconds=1)
+
+
+def go_duration(ms: int) -> str:
+    """A duration in Go's ``time.Duration.String`` format: ``500ms``, ``1.5s``, ``1m0s``, ``1h2m3s``."""
+    if ms == 0:
+        return "0s"
+    sign, ms = ("-" if ms < 0 else ""), abs(ms)
+    if ms < 1000:
+        return f"{sign}{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds, millis = divmod(rest, 1000)
+    sec = f"{seconds}.{millis:03d}".rstrip("0") if millis else str(seconds)
+    if hours:
+        return f"{sign}{hours}h{minutes}m{sec}s"
+    if minutes:
+        return f"{sign}{minutes}m{sec}s"
+    return f"{sign}{sec}s"
+
+
+def usd_micros(usd: float) -> int:
+    """Dollars as integer micro-dollars, the unit every sum in Redis uses."""
+    return round(usd * 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """An admitted request: what settle needs, and the x-ratelimit-* response headers."""
+
+    request_id: str
+    user: str
+    now_ms: int
+    lease_deadline_ms: int
+    day: str
+    month: str
+    reserved_tokens: int
+    reserved_images: int
+    reserved_usd_micros: int
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SettledUsage:
+    """What a finished request used, as the upstream reported it (all zero for a failed call)."""
+
+    input_text_tokens: int = 0
+    input_image_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    images: int = 0
+    usd_micros: int = 0
+
+
+NO_USAGE = SettledUsage()
+
+RedisClient = Redis | RedisCluster
+
+
+def _script(name: str) -> str:
+    """A Lua script with the shared functions of lib.lua in front of it."""
+    lua = resources.files("gateway.limits").joinpath("lua")
+    return lua.joinpath("lib.lua").read_text(encoding="utf-8") + lua.joinpath(name).read_text(encoding="utf-8")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _limit_arg(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+class Limiter:
+    """Admits and settles requests against a user's limits, exactly, in one round trip each."""
+
+    def __init__(self, client: RedisClient, keys: RedisKeys, *, lease_ms: int,
+                 ledger_maxlen: int = 10_000_000, day_ttl_s: int = 400 * 86_400,
+                 month_ttl_s: int = 800 * 86_400, settled_ttl_s: int = 3 * 86_400) -> None:
+        self.keys = keys
+        self.lease_ms = lease_ms
+        self.ledger_maxlen = ledger_maxlen
+        self.day_ttl_s = day_ttl_s
+        self.month_ttl_s = month_ttl_s
+        self.settled_ttl_s = settled_ttl_s
+        # Script objects run EVALSHA and reload on NoScriptError (a restarted, empty Redis).
+        self._admit = client.register_script(_script("admit.lua"))
+        self._settle = client.register_script(_script("settle.lua"))
+        self._cancel = client.register_script(_script("cancel.lua"))
+
+    async def admit(self, *, user: str, limits: Limits, request_id: str, n: int, est_tokens: int,
+                    est_usd_micros: int, now_ms: int) -> Admission:
+        """Admit a request or raise ``RateLimited`` / ``QuotaExceeded``; Redis errors propagate."""
+        _check_counts(n=n, est_tokens=est_tokens, est_usd_micros=est_usd_micros)
+        k = self.keys
+        periods = utc_periods(now_ms)
+        deadline = now_ms + self.lease_ms
+        usd_limit = None if limits.usd_per_month is None else usd_micros(limits.usd_per_month)
+        keys = [k.requests_window(user), k.images_window(user), k.inflight(user), k.reservations(user),
+                k.day_usage(user, periods.day), k.month_usage(user, periods.month)]
+        args: list[Any] = [request_id, now_ms, deadline, n, est_tokens, est_usd_micros,
+                *(_limit_arg(v) for v in (limits.requests_per_minute, limits.images_per_minute,
+                                          limits.max_concurrent_requests, limits.tokens_per_day,
+                                          limits.tokens_per_month, limits.images_per_day,
+                                          limits.images_per_month, usd_limit)),
+                self.day_ttl_s, self.month_ttl_s, WINDOW_MS]
+        reply = await self._admit(keys=keys, args=args)
+        if int(reply[0]) == 0:
+            raise _refusal(_text(reply[1]), int(reply[2]), limits, periods)
+        reqs, first_req, imgs, first_img, day_tokens, month_tokens = (int(x) for x in reply[1:7])
+        headers: dict[str, str] = {}
+        # Per-minute reset: when the oldest entry leaves the window (one more slot frees).
+        reset_req, reset_img = first_req + WINDOW_MS - now_ms, first_img + WINDOW_MS - now_ms
+        if limits.requests_per_minute is not None:
+            _window_headers(headers, "requests", limits.requests_per_minute, reqs, reset_req)
+        if limits.images_per_minute is not None:
+            _window_headers(headers, "images", limits.images_per_minute, imgs, reset_img)
+        if limits.tokens_per_day is not None:
+            _window_headers(headers, "tokens", limits.tokens_per_day, day_tokens, periods.day_end_ms - now_ms)
+        elif limits.tokens_per_month is not None:
+            _window_headers(headers, "tokens", limits.tokens_per_month, month_tokens,
+                            periods.month_end_ms - now_ms)
+        return Admission(request_id=request_id, user=user, now_ms=now_ms, lease_deadline_ms=deadline,
+                         day=periods.day, month=periods.month, reserved_tokens=est_tokens, reserved_images=n,
+                         reserved_usd_micros=est_usd_micros, headers=headers)
+
+    async def settle(self, admission: Admission, usage: SettledUsage,
+                     record: Mapping[str, str] | None = None) -> bool:
+        """Free the slot and reservation and add ``usage``; False if this request was already settled."""
+        # Checked here: a script error half-way would leave the request marked settled, its usage lost.
+        _check_counts(**{f: getattr(usage, f) for f in SettledUsage.__slots__})
+        k, user, rid = self.keys, admission.user, admission.request_id
+        keys = [k.inflight(user), k.reservations(user), k.day_usage(user, admission.day),
+                k.month_usage(user, admission.month), k.settled(user, rid), k.ledger(user)]
+        args: list[Any] = [rid, usage.input_text_tokens, usage.input_image_tokens, usage.output_tokens,
+                           usage.total_tokens, usage.images, usage.usd_micros,
+                           self.day_ttl_s, self.month_ttl_s, self.settled_ttl_s, self.ledger_maxlen]
+        for field, value in (record or {}).items():
+            args += [field, value]
+        return bool(int(await self._settle(keys=keys, args=args)))
+
+    async def cancel(self, *, user: str, request_id: str, n: int, now_ms: int) -> bool:
+        """Undo an admission the caller never learnt of (Redis timed out after admit ran); True if it had run."""
+        k = self.keys
+        periods = utc_periods(now_ms)
+        keys = [k.requests_window(user), k.images_window(user), k.inflight(user), k.reservations(user),
+                k.day_usage(user, periods.day), k.month_usage(user, periods.month), k.settled(user, request_id)]
+        return bool(int(await self._cancel(keys=keys, args=[request_id, n, self.settled_ttl_s])))
+
+    async def release(self, admission: Admission, record: Mapping[str, str] | None = None) -> bool:
+        """Settle a failed call: it costs nothing, but still counts as a finished request."""
+        return await self.settle(admission, NO_USAGE, record)
+
+
+def _check_counts(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def _window_headers(headers: dict[str, str], kind: str, limit: int, used: int, reset_ms: int) -> None:
+    headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+    headers[f"x-ratelimit-remaining-{kind}"] = str(max(limit - used, 0))
+    headers[f"x-ratelimit-reset-{kind}"] = go_duration(max(reset_ms, 0))
+
+
+def _refusal(name: str, retry_ms: int, limits: Limits, periods: Periods) -> RateLimited | QuotaExceeded:
+    limit = getattr(limits, name)
+    if name in _QUOTA_UNITS:
+        end_ms = periods.day_end_ms if name.endswith("_day") else periods.month_end_ms
+        resets = (_EPOCH + timedelta(milliseconds=end_ms)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        amount = f"{limit:.2f}".rstrip("0").rstrip(".") if name == "usd_per_month" else str(limit)
+        return QuotaExceeded(f"You exceeded your {name} quota ({amount} {_QUOTA_UNITS[name]}); "
+                             f"it resets at {resets}.", limit_name=name)
+    retry_ms = max(retry_ms, 1)
+    if name == "max_concurrent_requests":
+        what = f"{limit} requests in flight at once"
+    else:
+        what = f"{limit} {name.split('_')[0]} per minute"
+    message = f"Rate limit reached for {name} ({what}). Please try again in {go_duration(retry_ms)}."
+    return RateLimited(message, limit_name=name,
+                       headers={"retry-after": str(max(math.ceil(retry_ms / 1000), 1)),
+                                "retry-after-ms": str(retry_ms)})

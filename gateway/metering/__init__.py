@@ -1,0 +1,1 @@
+"""What a finished request used: metrics, pricing, ledger, settlement."""

@@ -1,0 +1,1 @@
+"""One request's life: validate, admit, call upstream, relay, settle."""

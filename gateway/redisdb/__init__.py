@@ -1,0 +1,1 @@
+"""The Redis client and the one key layout."""

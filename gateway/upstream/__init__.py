@@ -1,0 +1,1 @@
+"""The upstream (TTAPI): client, relay of its answers, usage observers."""

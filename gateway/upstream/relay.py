@@ -1,0 +1,191 @@
+"""Relaying the upstream's answer to the client.
+
+Both paths read the upstream to its end whatever the client does, so the usage the
+upstream reported (and billed) is always known, then call ``finish`` (metrics,
+settlement) before the client's response is closed.
+- JSON: read into a list of chunks (no joins, no re-serialisation) while a scanner
+  picks up ``usage``; a failure mid-body becomes a clean 502/504.
+- SSE: every chunk is forwarded as it arrives, byte for byte, while a side parser sums
+  the usage; a failure mid-stream ends the stream with ``event: error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from starlette.types import Receive, Scope, Send
+
+from gateway.errors import GatewayError, UpstreamError, sse_error_event
+from gateway.pipeline.exchange import Exchange
+from gateway.upstream.client import READ_ERRORS, UpstreamReply, translate_read_error
+from gateway.upstream.observe import JsonUsageScanner, SseUsageParser, usage_from_json
+
+Finish = Callable[[Exchange], Awaitable[None]]
+T = TypeVar("T")
+_background: set[asyncio.Task[Any]] = set()
+
+
+def spawn(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """A task the shutdown waits for (``drain_background_tasks``), even if its requester is gone."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
+
+
+def salvage(content: Any) -> list[bytes]:
+    """Bytes aiohttp had received when the connection failed: its reads raise before handing them over.
+
+    They are events the upstream sent (and billed), so they are forwarded and counted.
+    """
+    buffered = getattr(content, "_buffer", None)
+    if not buffered:
+        return []
+    chunks = list(buffered)
+    offset = getattr(content, "_buffer_offset", 0)
+    if offset:
+        chunks[0] = chunks[0][offset:]
+    buffered.clear()
+    return chunks
+
+
+def _upstream_done(exchange: Exchange, reply: UpstreamReply) -> None:
+    exchange.upstream_seconds = time.monotonic() - reply.started
+
+
+async def read_json_reply(exchange: Exchange, reply: UpstreamReply, timeout_seconds: float) -> list[bytes]:
+    """The whole upstream body as chunks, with its usage recorded on ``exchange``."""
+    scanner = JsonUsageScanner(("usage", "error"))
+    chunks: list[bytes] = []
+    try:
+        async for chunk in reply.response.content.iter_any():
+            scanner.feed(chunk)
+            chunks.append(chunk)
+    except READ_ERRORS as exc:
+        err = translate_read_error(exc, timeout_seconds)
+        exchange.error_reason = err.code
+        raise err from exc
+    finally:
+        reply.response.release()
+        _upstream_done(exchange, reply)
+    status = reply.response.status
+    if 200 <= status < 300:
+        exchange.usage = usage_from_json(scanner)
+    elif not isinstance(scanner.value("error"), dict):
+        # Not an OpenAI error body (a proxy's HTML page, another format): the SDKs need OpenAI's shape.
+        raise UpstreamError(status, f"The upstream answered {status} without an OpenAI error body.")
+    return chunks
+
+
+class ChunksResponse:
+    """A finished body sent as the chunks it arrived in, with the upstream's status and type."""
+
+    def __init__(self, status: int, chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.chunks = chunks
+        self.headers = [*headers, (b"content-length", str(sum(map(len, chunks))).encode())]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        last = len(self.chunks) - 1
+        for i, chunk in enumerate(self.chunks):
+            await send({"type": "http.response.body", "body": chunk, "more_body": i < last})
+        if last < 0:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class StreamRelayResponse:
+    """Forwards an upstream SSE stream event for event, byte for byte."""
+
+    def __init__(self, exchange: Exchange, reply: UpstreamReply, headers: list[tuple[bytes, bytes]],
+                 finish: Finish, timeout_seconds: float) -> None:
+        self.exchange = exchange
+        self.reply = reply
+        self.headers = headers
+        self.finish = finish
+        self.timeout_seconds = timeout_seconds
+        self.parser = SseUsageParser()
+        self._upstream_closed = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.exchange.status = self.reply.response.status
+        # uvicorn drops sends to a departed client silently: learn of it from receive() instead.
+        watcher = asyncio.create_task(self._watch_disconnect(receive))
+        try:
+            await send({"type": "http.response.start", "status": self.reply.response.status,
+                        "headers": self.headers})
+            tail = await self._pump(send)
+        except asyncio.CancelledError:
+            # The server is cancelling us (shutdown): finish reading and settling in the background.
+            spawn(self.drain_and_finish())
+            raise
+        finally:
+            watcher.cancel()
+        await asyncio.shield(self.finish(self.exchange))
+        await self._send(send, tail, more=False)
+
+    async def _watch_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.exchange.client_gone = True
+
+    async def _pump(self, send: Send) -> bytes:
+        """Forward until the upstream ends; returns what must still be sent (an error event).
+
+        Not closed on cancellation: the background drain goes on reading the same response.
+        """
+        try:
+            async for chunk in self.reply.response.content.iter_any():
+                self.parser.feed(chunk)
+                await self._send(send, chunk, more=True)
+        except READ_ERRORS as exc:
+            for chunk in salvage(self.reply.response.content):
+                self.parser.feed(chunk)
+                await self._send(send, chunk, more=True)
+            err: GatewayError = translate_read_error(exc, self.timeout_seconds)
+            self.exchange.error_reason = err.code
+            self._close_upstream()
+            return sse_error_event(err)
+        self._close_upstream()
+        return b""
+
+    async def _send(self, send: Send, chunk: bytes, *, more: bool) -> None:
+        if self.exchange.client_gone:
+            return
+        try:
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+        except OSError:  # ASGI 2.4 servers raise once the client has gone; keep reading upstream
+            self.exchange.client_gone = True
+
+    def _close_upstream(self) -> None:
+        if self._upstream_closed:
+            return
+        self._upstream_closed = True
+        self.parser.close()
+        self.reply.response.release()
+        _upstream_done(self.exchange, self.reply)
+        self.exchange.usage = self.parser.usage
+        self.exchange.incomplete = self.parser.completed == 0 or self.exchange.error_reason is not None
+
+    async def drain_and_finish(self) -> None:
+        """Read the rest of the stream with nobody to send it to, then finish (settle) the exchange."""
+        self.exchange.client_gone = True
+        try:
+            async for chunk in self.reply.response.content.iter_any():
+                self.parser.feed(chunk)
+        except READ_ERRORS as exc:
+            for chunk in salvage(self.reply.response.content):
+                self.parser.feed(chunk)
+            self.exchange.error_reason = translate_read_error(exc, self.timeout_seconds).code
+        finally:
+            self._close_upstream()
+        await self.finish(self.exchange)
+
+
+async def drain_background_tasks(grace_seconds: float) -> None:
+    """Wait (at shutdown) for streams still being drained after their clients went away."""
+    if _background:
+        await asyncio.wait(list(_background), timeout=grace_seconds)

@@ -1,0 +1,80 @@
+"""The usage observers read usage out of the upstream's bytes without altering them."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from gateway.upstream.observe import JsonUsageScanner, SseUsageParser, Usage, usage_from_json
+
+USAGE = {"input_tokens": 12, "input_tokens_details": {"text_tokens": 9, "image_tokens": 3},
+         "output_tokens": 4160, "total_tokens": 4172}
+
+
+def _feed(parser: JsonUsageScanner | SseUsageParser, data: bytes, size: int) -> None:
+    for i in range(0, len(data), size):
+        parser.feed(data[i:i + size])
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 65536, 10**9])
+def test_json_scanner_finds_usage_and_counts_images_at_any_chunking(chunk: int) -> None:
+    body = orjson.dumps({"created": 1, "data": [{"b64_json": "A" * 200_000}, {"b64_json": 'q"\\u00e9"', "x": [1]}],
+                         "usage": USAGE, "size": "1024x1024", "nested": {"usage": {"output_tokens": 1}}})
+    scanner = JsonUsageScanner()
+    _feed(scanner, body, chunk)
+    usage = usage_from_json(scanner)
+    assert (usage.images, usage.input_text_tokens, usage.input_image_tokens, usage.output_tokens,
+            usage.total_tokens, usage.reported) == (2, 9, 3, 4160, 4172, True)
+
+
+def test_json_scanner_without_usage_reports_none() -> None:
+    scanner = JsonUsageScanner()
+    scanner.feed(orjson.dumps({"created": 1, "data": [{"url": "http://x/1.png"}]}))
+    usage = usage_from_json(scanner)
+    assert usage.images == 1 and not usage.reported and usage.total_tokens == 0
+
+
+def test_json_scanner_ignores_usage_inside_strings_and_nested_objects() -> None:
+    scanner = JsonUsageScanner()
+    scanner.feed(b'{"data": [{"revised_prompt": "a \\"usage\\": {1}"}], "meta": {"usage": {"output_tokens": 5}}}')
+    assert usage_from_json(scanner).output_tokens == 0
+
+
+def test_usage_without_details_counts_input_as_text() -> None:
+    usage = Usage()
+    usage.add_openai({"input_tokens": 10, "output_tokens": 5})
+    assert (usage.input_text_tokens, usage.input_image_tokens, usage.total_tokens) == (10, 0, 15)
+
+
+def _event(name: str, data: dict[str, object], eol: bytes = b"\n") -> bytes:
+    return b"event: " + name.encode() + eol + b"data: " + orjson.dumps(data) + eol + eol
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+@pytest.mark.parametrize("chunk", [1, 5, 4096, 10**9])
+def test_sse_parser_sums_completed_events(chunk: int, eol: bytes) -> None:
+    partial = {"type": "image_generation.partial_image", "b64_json": "P" * 50_000, "partial_image_index": 0}
+    done = {"type": "image_generation.completed", "b64_json": "C" * 50_000, "usage": USAGE}
+    stream = _event("image_generation.partial_image", partial, eol) + _event("image_generation.completed", done, eol)
+    stream += _event("image_generation.completed", done, eol)
+    parser = SseUsageParser()
+    _feed(parser, stream, chunk)
+    parser.close()
+    assert (parser.events, parser.completed, parser.usage.images) == (3, 2, 2)
+    assert parser.usage.total_tokens == 2 * 4172 and parser.usage.input_image_tokens == 6
+
+
+def test_sse_parser_reads_events_without_event_lines_and_upstream_errors() -> None:
+    parser = SseUsageParser()
+    parser.feed(b'data: {"type": "image_generation.completed", "usage": {"input_tokens": 1, "output_tokens": 2}}\n\n')
+    parser.feed(b'event: error\ndata: {"error": {"message": "boom"}}\n\n')
+    parser.close()
+    assert parser.usage.total_tokens == 3 and parser.error == {"error": {"message": "boom"}}
+
+
+def test_sse_parser_counts_a_final_event_missing_its_blank_line() -> None:
+    parser = SseUsageParser()
+    parser.feed(b'event: image_generation.completed\ndata: {"usage": {"output_tokens": 7}}')
+    assert parser.completed == 0
+    parser.close()
+    assert parser.completed == 1 and parser.usage.output_tokens == 7
