@@ -17,11 +17,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.auth.authenticator import bearer_token
-from gateway.errors import GatewayError, NotFound, ServiceUnavailable
 from gateway.auth.keystore import KeyStore, key_object
-from gateway.http.routes import gateway_of, parse_json_object, read_body
+from gateway.errors import GatewayError, NotFound, ServiceUnavailable
+from gateway.http.body import parse_json_object, read_body
+from gateway.http.context import gateway_of
 
-log = logging.getLogger("gateway.admin.keys_api")
+log = logging.getLogger("gateway.admin")
 
 
 class AdminUnauthorized(GatewayError):

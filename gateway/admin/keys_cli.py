@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from gateway.cli.main import settings_or_report
+from gateway.auth.keystore import KeyStore, key_object
+from gateway.cli.common import settings_or_report
 from gateway.config import Settings
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.auth.keystore import KeyStore, key_object
 from gateway.redisdb.client import open_redis
 from gateway.redisdb.keys import RedisKeys
 

@@ -18,55 +18,20 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.admin.keys_api import require_admin
-from gateway.config import NAME_RE
+from gateway.admin.queries import MEDIA_TYPES, parse_format, parse_range, parse_user
 from gateway.errors import InvalidRequest, MissingParameter, ServiceUnavailable
-from gateway.metering.ledger import export_lines, iter_records, parse_iso, period_totals
+from gateway.http.context import gateway_of
+from gateway.metering.ledger import export_lines, iter_records, period_totals
 from gateway.redisdb.client import REDIS_ERRORS
 from gateway.redisdb.keys import RedisKeys
-from gateway.http.routes import gateway_of
 
-log = logging.getLogger("gateway.admin.keys_api")
-
-MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
-
+log = logging.getLogger("gateway.admin")
 
 def _required(request: Request, name: str) -> str:
     value = request.query_params.get(name)
     if not value:
         raise MissingParameter(f"Missing required parameter: '{name}'.", param=name)
     return value
-
-
-def parse_user(value: str | None, *, required: bool) -> str | None:
-    """A user name as the config allows it; InvalidRequest otherwise."""
-    if value is None or value == "":
-        if required:
-            raise MissingParameter("Missing required parameter: 'user'.", param="user")
-        return None
-    if not NAME_RE.match(value):
-        raise InvalidRequest("'user' must be letters, digits and . _ @ - (at most 128).", param="user")
-    return value
-
-
-def parse_range(start: str, end: str) -> tuple[int, int]:
-    """``from`` and ``to`` as ms since the epoch, ``from < to``; InvalidRequest naming the bad one."""
-    bounds = []
-    for name, text in (("from", start), ("to", end)):
-        try:
-            bounds.append(parse_iso(text))
-        except ValueError:
-            raise InvalidRequest(f"'{name}' must be an ISO 8601 time, e.g. 2026-11-24T00:00:00Z.",
-                                 param=name) from None
-    if bounds[0] >= bounds[1]:
-        raise InvalidRequest("'from' must be earlier than 'to'.", param="from")
-    return bounds[0], bounds[1]
-
-
-def parse_format(value: str | None) -> str:
-    fmt = value or "jsonl"
-    if fmt not in MEDIA_TYPES:
-        raise InvalidRequest("'format' must be jsonl or csv.", param="format")
-    return fmt
 
 
 def _redis(request: Request) -> tuple[Any, RedisKeys]:

@@ -15,8 +15,8 @@ import sys
 import time
 from typing import IO, Any
 
-from gateway.admin.usage_api import parse_format, parse_range, parse_user
-from gateway.cli.main import settings_or_report
+from gateway.admin.queries import parse_format, parse_range, parse_user
+from gateway.cli.common import settings_or_report
 from gateway.config import Settings
 from gateway.errors import InvalidRequest
 from gateway.metering.ledger import export_lines, iter_records, period_totals

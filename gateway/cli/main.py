@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from gateway.config import ConfigError, Settings, load_settings
-
-
-def settings_or_report(path: str | None) -> Settings | None:
-    """Settings for a CLI command, or None after printing the config error (exit status 2)."""
-    try:
-        return load_settings(path)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return None
+from gateway.admin.keys_cli import register as register_keys
+from gateway.admin.usage_cli import register as register_usage
+from gateway.cli.common import settings_or_report
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -71,27 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080)
     demo.set_defaults(func=_demo)
 
-    for register in _extra_commands():
-        register(sub)
+    register_keys(sub)
+    register_usage(sub)
     return parser
-
-
-def _extra_commands() -> list:  # type: ignore[type-arg]
-    """Subcommands defined in their own modules (keys, usage)."""
-    registers = []
-    try:
-        from gateway.admin.keys_cli import register as register_keys
-
-        registers.append(register_keys)
-    except ImportError:
-        pass
-    try:
-        from gateway.admin.usage_cli import register as register_usage
-
-        registers.append(register_usage)
-    except ImportError:
-        pass
-    return registers
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,8 +25,8 @@ from typing import Any
 
 import orjson
 
-from gateway.pipeline.exchange import Exchange
 from gateway.limits.limiter import SettledUsage
+from gateway.pipeline.exchange import Exchange
 from gateway.redisdb.keys import RedisKeys
 
 # The billing schema, in CSV column order. Never a key, a prompt or a secret.

@@ -15,14 +15,12 @@ from typing import Any
 from gateway.auth.authenticator import Principal
 from gateway.config import Settings
 from gateway.errors import GatewayError
-from gateway.pipeline.exchange import Exchange
-from gateway.metering.ledger import build_record
 from gateway.limits.limiter import NO_USAGE, SettledUsage
+from gateway.metering.ledger import build_record
 from gateway.metering.metrics import Metrics
 from gateway.metering.pricing import cost_micros
 from gateway.metering.settle_queue import Settlement, SettleQueue, unmetered_admission
-
-ROUTE = "/v1/images/generations"
+from gateway.pipeline.exchange import Exchange
 
 
 def upstream_outcome(exchange: Exchange) -> str:
@@ -69,8 +67,8 @@ class Meter:
         elapsed = time.monotonic() - exchange.started
         usage = billed_usage(self.settings, exchange)
         stream = "true" if req.stream else "false"
-        m.requests.labels(ROUTE, req.model, str(exchange.status)).inc()
-        m.request_duration.labels(ROUTE, req.model, stream).observe(elapsed)
+        m.requests.labels(exchange.route, req.model, str(exchange.status)).inc()
+        m.request_duration.labels(exchange.route, req.model, stream).observe(elapsed)
         outcome = upstream_outcome(exchange)
         if exchange.upstream_seconds is not None:
             m.upstream_duration.labels(req.model, stream, outcome).observe(exchange.upstream_seconds)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from gateway.config import ModelConfig
 from gateway.metering.estimates import output_tokens_per_image, text_tokens
-from gateway.upstream.observe import Usage
 from gateway.pipeline.request import ImageRequest
+from gateway.upstream.observe import Usage
 
 MICROS = 1_000_000
 

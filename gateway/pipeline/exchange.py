@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from gateway.auth.authenticator import Principal
+from gateway.limits.limiter import Admission
+from gateway.metering.pricing import Estimate
+from gateway.pipeline.request import GENERATIONS, ImageRequest
 from gateway.upstream.observe import Usage
-from gateway.pipeline.request import ImageRequest
 
 
 @dataclass(slots=True)
@@ -16,10 +17,11 @@ class Exchange:
     request_id: str
     principal: Principal
     request: ImageRequest
+    route: str = GENERATIONS
     started: float = field(default_factory=time.monotonic)  # monotonic, for latency
     started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)  # wall clock, for records
-    estimate: Any = None  # pricing.Estimate reserved at admission
-    admission: Any = None  # limits.Admission when Redis admitted it; None when unmetered
+    estimate: Estimate | None = None  # reserved at admission
+    admission: Admission | None = None  # None when unmetered (no limiter, or Redis down and policy allow)
     status: int = 0  # the status the client got (the upstream's, or the gateway's own error)
     usage: Usage = field(default_factory=Usage)
     upstream_seconds: float | None = None

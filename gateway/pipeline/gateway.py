@@ -1,23 +1,23 @@
-"""The gateway's components wired together, opened in the app's lifespan."""
+"""The worker's components, wired once in the app's lifespan: one ``Gateway`` per worker."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from typing import Any
 
+import aiohttp
 from starlette.requests import Request
 
 from gateway.auth.authenticator import Authenticator, Principal
 from gateway.auth.guard import AuthGuard
-from gateway.config import Settings
-from gateway.errors import ServiceUnavailable
-from gateway.pipeline.exchange import Exchange
 from gateway.auth.keystore import KeyStore
+from gateway.config import Settings
+from gateway.limits.limiter import Limiter
 from gateway.metering.meter import Meter
 from gateway.metering.metrics import Metrics
-from gateway.metering.pricing import estimate
-from gateway.redisdb.client import REDIS_ERRORS
-from gateway.upstream.relay import spawn
+from gateway.metering.settle_queue import SettleQueue, Spool
+from gateway.redisdb.client import REDIS_ERRORS, open_redis
+from gateway.redisdb.keys import RedisKeys
 from gateway.upstream.client import UpstreamClient
 
 
@@ -25,7 +25,7 @@ class Gateway:
     """Everything a request needs: settings, clients, limiter, meter. One per worker."""
 
     def __init__(self, settings: Settings, *, metrics: Metrics, upstream: UpstreamClient, redis: Any = None,
-                 limiter: Any = None, auth: Authenticator | None = None, meter: Meter | None = None,
+                 limiter: Limiter | None = None, auth: Authenticator | None = None, meter: Meter | None = None,
                  keystore: KeyStore | None = None, guard: AuthGuard | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -44,44 +44,6 @@ class Gateway:
             return await self.auth.authenticate(authorization)
         return await self.guard.authenticate(request, lambda: self.auth.authenticate(authorization))
 
-    async def admit(self, exchange: Exchange) -> list[tuple[bytes, bytes]]:
-        """Reserve the request's limits in one Redis round trip; returns the x-ratelimit headers."""
-        model = self.settings.models[exchange.request.model]
-        exchange.estimate = estimate(model, exchange.request)
-        if self.limiter is None:
-            return []
-        p = exchange.principal
-        try:
-            admission = await self.limiter.admit(
-                user=p.user, limits=p.limits, request_id=exchange.request_id, n=exchange.request.n,
-                est_tokens=exchange.estimate.tokens, est_usd_micros=exchange.estimate.usd_micros,
-                now_ms=exchange.started_ms)
-        except REDIS_ERRORS as exc:
-            self.metrics.redis_errors.labels("admit").inc()
-            if self.settings.redis.on_unavailable == "allow":
-                # Served unmetered; its settlement later also frees what admit may have written.
-                self.metrics.unmetered.inc()
-                return []
-            # The script may have run with only its answer lost: undo it once Redis answers again.
-            spawn(self._cancel_admission(exchange))
-            raise ServiceUnavailable("The gateway's limit store is unavailable; try again shortly.") from exc
-        exchange.admission = admission
-        return [(k.encode(), v.encode()) for k, v in admission.headers.items()]
-
-    async def _cancel_admission(self, exchange: Exchange, attempts: int = 8) -> None:
-        """Free the slot, window entries and reservation of a request refused with 503 (bounded retries)."""
-        assert self.limiter is not None
-        delay = 0.1
-        for _ in range(attempts):
-            try:
-                await self.limiter.cancel(user=exchange.principal.user, request_id=exchange.request_id,
-                                          n=exchange.request.n, now_ms=exchange.started_ms)
-                return
-            except REDIS_ERRORS:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        # Still unreachable: the lease expires by itself (upstream timeout + 60 s after admission).
-
     async def not_ready_reason(self) -> str | None:
         if self.redis is None:
             return None
@@ -97,3 +59,30 @@ class Gateway:
         await self.upstream.close()
         if self.redis is not None:
             await self.redis.aclose()
+
+
+async def open_gateway(settings: Settings, metrics: Metrics, *, session: aiohttp.ClientSession | None = None,
+                       redis: Any = None) -> Gateway:
+    """Open the worker's clients (upstream, Redis) and wire the components together."""
+    upstream = UpstreamClient(settings.upstream, session=session)
+    await upstream.start()
+    if redis is None:
+        redis = open_redis(settings.redis)
+        if settings.redis.cluster:
+            # Load the slot map first: without it redis-py 8 sends early commands to the wrong node
+            # and breaks connections still opening while it re-maps. Unreachable now: it maps lazily later.
+            with contextlib.suppress(*REDIS_ERRORS):
+                await redis.initialize()
+    redis_keys = RedisKeys(settings.redis.key_prefix)
+    keystore = KeyStore(redis, redis_keys, settings, metrics=metrics)
+    guard = AuthGuard(redis, redis_keys, settings.auth, metrics)
+    # A slot or reservation whose worker died expires one upstream timeout (plus slack) after admission.
+    limiter = Limiter(redis, redis_keys, lease_ms=int((settings.upstream.timeout_seconds + 60) * 1000),
+                      ledger_maxlen=settings.usage.stream_maxlen)
+    # Metering: settlements Redis refuses are retried in the background, spooled at shutdown, replayed here.
+    settler = SettleQueue(limiter, metrics, redis=redis, keys=redis_keys,
+                          max_size=settings.usage.settle_queue_size, spool=Spool(settings.usage.spool_path))
+    meter = Meter(settings, metrics, limiter, settler=settler)
+    await meter.start()
+    return Gateway(settings, metrics=metrics, upstream=upstream, redis=redis, keystore=keystore, guard=guard,
+                   limiter=limiter, meter=meter)

@@ -19,6 +19,8 @@ from typing import Any
 from gateway.config import Settings
 from gateway.errors import InvalidRequest, MissingParameter
 
+GENERATIONS = "/v1/images/generations"
+
 PROMPT_MAX_CHARS: Mapping[str | None, int] = {"gpt-image": 32000, "dall-e-2": 1000, "dall-e-3": 4000}
 DEFAULT_PROMPT_MAX_CHARS = 32000  # unknown family
 GPT_IMAGE_SIZES = ("1024x1024", "1536x1024", "1024x1536", "auto")

@@ -11,6 +11,7 @@ import itertools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -140,3 +141,19 @@ def translate_read_error(exc: BaseException, timeout_seconds: float) -> Upstream
 
 
 READ_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+def salvage(content: Any) -> list[bytes]:
+    """Bytes aiohttp had received when the connection failed: its reads raise before handing them over.
+
+    They are events the upstream sent (and billed), so they are forwarded and counted.
+    """
+    buffered = getattr(content, "_buffer", None)
+    if not buffered:
+        return []
+    chunks = list(buffered)
+    offset = getattr(content, "_buffer_offset", 0)
+    if offset:
+        chunks[0] = chunks[0][offset:]
+    buffered.clear()
+    return chunks

@@ -13,43 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
 
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError, UpstreamError, sse_error_event
 from gateway.pipeline.exchange import Exchange
-from gateway.upstream.client import READ_ERRORS, UpstreamReply, translate_read_error
+from gateway.tasks import spawn
+from gateway.upstream.client import READ_ERRORS, UpstreamReply, salvage, translate_read_error
 from gateway.upstream.observe import JsonUsageScanner, SseUsageParser, usage_from_json
 
 Finish = Callable[[Exchange], Awaitable[None]]
-T = TypeVar("T")
-_background: set[asyncio.Task[Any]] = set()
-
-
-def spawn(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-    """A task the shutdown waits for (``drain_background_tasks``), even if its requester is gone."""
-    task = asyncio.ensure_future(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-    return task
-
-
-def salvage(content: Any) -> list[bytes]:
-    """Bytes aiohttp had received when the connection failed: its reads raise before handing them over.
-
-    They are events the upstream sent (and billed), so they are forwarded and counted.
-    """
-    buffered = getattr(content, "_buffer", None)
-    if not buffered:
-        return []
-    chunks = list(buffered)
-    offset = getattr(content, "_buffer_offset", 0)
-    if offset:
-        chunks[0] = chunks[0][offset:]
-    buffered.clear()
-    return chunks
 
 
 def _upstream_done(exchange: Exchange, reply: UpstreamReply) -> None:
@@ -183,9 +157,3 @@ class StreamRelayResponse:
         finally:
             self._close_upstream()
         await self.finish(self.exchange)
-
-
-async def drain_background_tasks(grace_seconds: float) -> None:
-    """Wait (at shutdown) for streams still being drained after their clients went away."""
-    if _background:
-        await asyncio.wait(list(_background), timeout=grace_seconds)

@@ -20,8 +20,8 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from gateway.config import key_digest, parse_settings
 from gateway.auth.keystore import KeyStore, iso_utc
+from gateway.config import key_digest, parse_settings
 from gateway.redisdb.keys import RedisKeys
 from tests.support.procs import RedisServer, Service, start_fake_upstream, start_gateway
 

@@ -12,13 +12,13 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from gateway.metering.ledger import FIELDS, iso_ms, usd_text
 from gateway.limits.limiter import Limiter
+from gateway.metering.ledger import FIELDS, iso_ms, usd_text
 from gateway.metering.metrics import Metrics
-from gateway.redisdb.keys import RedisKeys
 from gateway.metering.settle_queue import SettleQueue
-from tests.support.procs import RedisServer, Service, start_gateway
+from gateway.redisdb.keys import RedisKeys
 from tests.metering.test_ledger import DAY, T0, USAGE, settlement
+from tests.support.procs import RedisServer, Service, start_gateway
 
 TOKEN = "admin-token-test-admin-usage-77"
 WINDOW = {"from": iso_ms(T0 - 60_000), "to": iso_ms(T0 + 3_600_000)}

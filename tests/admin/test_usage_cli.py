@@ -13,9 +13,9 @@ from pathlib import Path
 import yaml
 
 from gateway.metering.ledger import FIELDS, iso_ms
-from tests.support.procs import free_port
 from tests.admin.test_usage_api import seed
 from tests.metering.test_ledger import DAY, T0
+from tests.support.procs import free_port
 
 ROOT = str(Path(__file__).resolve().parents[2])
 

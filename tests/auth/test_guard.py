@@ -17,10 +17,10 @@ from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.http.app import create_app
 from gateway.auth.guard import AuthGuard
 from gateway.config import AuthSettings, Settings, key_digest, parse_settings
 from gateway.errors import InvalidApiKey, RateLimited
+from gateway.http.app import create_app
 from gateway.metering.metrics import Metrics
 from gateway.redisdb.keys import RedisKeys
 from tests.support import procs

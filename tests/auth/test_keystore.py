@@ -14,9 +14,9 @@ import pytest
 from redis.asyncio import Redis, RedisCluster
 
 from gateway.auth.authenticator import Authenticator
+from gateway.auth.keystore import KeyStore, iso_utc
 from gateway.config import Limits, key_digest, parse_settings
 from gateway.errors import InvalidApiKey, InvalidRequest, MissingParameter, ServiceUnavailable
-from gateway.auth.keystore import KeyStore, iso_utc
 from gateway.redisdb.keys import RedisKeys
 from tests.support import procs
 

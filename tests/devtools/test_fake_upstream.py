@@ -19,9 +19,10 @@ import openai
 import pytest
 from PIL import Image
 
-from gateway.metering import estimates
 from gateway.cli.main import build_parser
-from gateway.devtools.fake_upstream import FakeOptions, options_from_args, serve_in_process
+from gateway.devtools.fake_answers import FakeOptions
+from gateway.devtools.fake_upstream import options_from_args, serve_in_process
+from gateway.metering import estimates
 from tests.support.procs import Service, start_fake_upstream, wait_until
 
 KEY = "tt-test-key"

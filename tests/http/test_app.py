@@ -12,8 +12,8 @@ import httpx
 import pytest
 import redis
 
-from gateway.http.app import create_app
 from gateway.config import parse_settings
+from gateway.http.app import create_app
 from tests.support.procs import start_fake_upstream, start_gateway, wait_until
 
 KEY = "sk-igw-test_app-dddddddddddddddd"

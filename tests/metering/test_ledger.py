@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from gateway.auth.authenticator import Principal
 from gateway.config import Limits, RedisSettings
-from gateway.pipeline.exchange import Exchange
+from gateway.limits.limiter import Limiter, SettledUsage, utc_periods
 from gateway.metering.ledger import (
     CSV_HEADER,
     FIELDS,
@@ -32,12 +32,12 @@ from gateway.metering.ledger import (
     period_totals,
     usd_text,
 )
-from gateway.limits.limiter import Limiter, SettledUsage, utc_periods
 from gateway.metering.metrics import Metrics
+from gateway.metering.settle_queue import Settlement, SettleQueue, Spool, unmetered_admission
+from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.request import ImageRequest
 from gateway.redisdb.client import open_redis
 from gateway.redisdb.keys import RedisKeys
-from gateway.metering.settle_queue import Settlement, SettleQueue, Spool, unmetered_admission
-from gateway.pipeline.request import ImageRequest
 from tests.support.procs import RedisServer
 
 KEYS = RedisKeys()

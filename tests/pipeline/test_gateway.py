@@ -206,9 +206,9 @@ async def test_admission_whose_answer_was_lost_is_undone(redis_url: str) -> None
     import redis.asyncio as aioredis
     from redis.exceptions import TimeoutError as RedisTimeout
 
-    from gateway.http.app import create_app
     from gateway.config import parse_settings
-    from gateway.upstream.relay import drain_background_tasks
+    from gateway.http.app import create_app
+    from gateway.tasks import drain_background_tasks
 
     env = {"REDIS_URL": redis_url, "TTAPI_API_KEY": "k"}
     settings = parse_settings(config({"max_concurrent_requests": 1}), env=env)

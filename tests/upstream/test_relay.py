@@ -12,9 +12,9 @@ from gateway.auth.authenticator import Principal
 from gateway.config import Limits, UpstreamSettings, parse_settings
 from gateway.errors import UpstreamError
 from gateway.pipeline.exchange import Exchange
-from gateway.upstream.relay import read_json_reply
-from gateway.upstream.client import UpstreamClient
 from gateway.pipeline.request import validate_image_request
+from gateway.upstream.client import UpstreamClient
+from gateway.upstream.relay import read_json_reply
 from tests.support.procs import local_generations_server
 
 

@@ -1,0 +1,52 @@
+"""Admission: reserve a request's limits in Redis before the upstream call, or undo a lost one."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.errors import ServiceUnavailable
+from gateway.metering.pricing import estimate
+from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.gateway import Gateway
+from gateway.redisdb.client import REDIS_ERRORS
+from gateway.tasks import spawn
+
+
+async def admit(gw: Gateway, exchange: Exchange) -> list[tuple[bytes, bytes]]:
+    """Reserve the request's limits in one Redis round trip; returns the x-ratelimit headers."""
+    model = gw.settings.models[exchange.request.model]
+    exchange.estimate = estimate(model, exchange.request)
+    if gw.limiter is None:
+        return []
+    p = exchange.principal
+    try:
+        admission = await gw.limiter.admit(
+            user=p.user, limits=p.limits, request_id=exchange.request_id, n=exchange.request.n,
+            est_tokens=exchange.estimate.tokens, est_usd_micros=exchange.estimate.usd_micros,
+            now_ms=exchange.started_ms)
+    except REDIS_ERRORS as exc:
+        gw.metrics.redis_errors.labels("admit").inc()
+        if gw.settings.redis.on_unavailable == "allow":
+            # Served unmetered; its settlement later also frees what admit may have written.
+            gw.metrics.unmetered.inc()
+            return []
+        # The script may have run with only its answer lost: undo it once Redis answers again.
+        spawn(cancel_admission(gw, exchange))
+        raise ServiceUnavailable("The gateway's limit store is unavailable; try again shortly.") from exc
+    exchange.admission = admission
+    return [(k.encode(), v.encode()) for k, v in admission.headers.items()]
+
+
+async def cancel_admission(gw: Gateway, exchange: Exchange, attempts: int = 8) -> None:
+    """Free the slot, window entries and reservation of a request refused with 503 (bounded retries)."""
+    assert gw.limiter is not None
+    delay = 0.1
+    for _ in range(attempts):
+        try:
+            await gw.limiter.cancel(user=exchange.principal.user, request_id=exchange.request_id,
+                                    n=exchange.request.n, now_ms=exchange.started_ms)
+            return
+        except REDIS_ERRORS:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    # Still unreachable: the lease expires by itself (upstream timeout + 60 s after admission).
