@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import orjson
+import json
+from typing import Any
+
 from starlette.requests import Request
 
 from gateway.errors import InvalidRequest, RequestTooLarge
@@ -23,12 +25,41 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def parse_json_object(body: bytes) -> dict[str, object]:
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; a key given twice (at any depth) is refused, naming it.
+
+    Parsers disagree on duplicates (first wins, last wins, error): the gateway validates one
+    reading and forwards exactly that reading, so it refuses any body that has two.
+    """
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        data = json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        if isinstance(exc, _DuplicateKey):
+            raise InvalidRequest(f"The field '{exc.name}' is given more than once.", param=exc.name) from None
         raise InvalidRequest("We could not parse the JSON body of your request. The body must be a JSON "
                              "object (Content-Type: application/json).") from exc
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return data
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _DuplicateKey(name)
+            seen.add(name)
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: refuse them as a strict parser upstream would."""
+    raise ValueError(f"{name} is not valid JSON")

@@ -17,10 +17,12 @@ from typing import Any
 
 from starlette.requests import Request
 
+from gateway.auth.authenticator import Principal
 from gateway.errors import GatewayError, ModelNotAllowed
 from gateway.pipeline.admission import admit
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.gateway import Gateway
+from gateway.pipeline.onbehalf import upstream_idempotency_key
 from gateway.pipeline.request import ImageRequest
 from gateway.tasks import spawn
 from gateway.upstream.client import UpstreamReply
@@ -50,7 +52,7 @@ class Prepared:
     body: bytes
 
 
-Prepare = Callable[[], Awaitable[Prepared]]
+Prepare = Callable[[Principal], Awaitable[Prepared]]
 
 
 async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare) -> Any:
@@ -60,7 +62,7 @@ async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare) -> Any:
     principal = None
     try:
         principal = await gw.authenticate(arrival.request)
-        prepared = await prepare()
+        prepared = await prepare(principal)
         image = prepared.image
         model_label = image.model
         if principal.models is not None and image.model not in principal.models:
@@ -104,7 +106,10 @@ async def forward(gw: Gateway, exchange: Exchange, body: bytes, request: Request
     """
     rid = exchange.request_id
     try:
-        reply = await gw.upstream.send(body, request.headers, rid)
+        idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key is not None:
+            idempotency_key = upstream_idempotency_key(exchange.principal.user, idempotency_key)
+        reply = await gw.upstream.send(body, request.headers, rid, idempotency_key=idempotency_key)
         if reply.is_event_stream:
             return reply
         chunks = await read_json_reply(exchange, reply, gw.settings.upstream.timeout_seconds)

@@ -93,6 +93,7 @@ def validate_image_request(body: object, settings: Settings) -> ImageRequest:
     """The checked request, or ``InvalidRequest``/``MissingParameter`` naming the first bad field."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    refuse_case_variants(body)
     prompt = body.get("prompt")
     if prompt is None:
         raise MissingParameter("Missing required parameter: 'prompt'.", param="prompt")
@@ -143,6 +144,20 @@ def validate_image_request(body: object, settings: Settings) -> ImageRequest:
         output_format=values.get("output_format"),
         model_defaulted=model_defaulted,
     )
+
+
+KNOWN_FIELDS = frozenset({"prompt", "model", *(rule.name for rule in _RULES)})
+
+
+def refuse_case_variants(body: Mapping[str, Any]) -> None:
+    """Refuse a key that differs from a known field only by letter case (``Model``, ``N``).
+
+    Case-insensitive parsers upstream (Go's encoding/json) would read it as that field.
+    """
+    for name in body:
+        if name not in KNOWN_FIELDS and name.lower() in KNOWN_FIELDS:
+            raise InvalidRequest(f"Unknown field '{name}': did you mean '{name.lower()}'? Field names are "
+                                 "case-sensitive.", param=name)
 
 
 def _check(rule: _Rule, value: Any, model: str, family: str | None) -> None:

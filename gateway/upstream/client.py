@@ -21,7 +21,8 @@ from gateway.errors import UpstreamAuthFailed, UpstreamTimeout, UpstreamUnavaila
 GENERATIONS_PATH = "/v1/images/generations"
 # Client headers worth passing on; everything else (Authorization, Cookie, OpenAI-Organization,
 # OpenAI-Project, hop-by-hop headers, any other credential-like header) stays at the gateway.
-FORWARDED_HEADERS = ("content-type", "accept", "user-agent", "idempotency-key")
+# Idempotency-Key goes upstream only namespaced per user (the caller passes it).
+FORWARDED_HEADERS = ("accept", "user-agent")
 
 
 class KeyPool:
@@ -93,10 +94,14 @@ class UpstreamClient:
             await self._session.close()
             self._session = None
 
-    async def send(self, body: bytes, client_headers: Mapping[str, str], request_id: str) -> UpstreamReply:
-        """POST ``body`` (the client's original bytes) upstream; try the next key on 401/403."""
+    async def send(self, body: bytes, client_headers: Mapping[str, str], request_id: str, *,
+                   idempotency_key: str | None = None) -> UpstreamReply:
+        """POST ``body`` (the validated request as JSON) upstream; try the next key on 401/403."""
         assert self._session is not None, "UpstreamClient.start() not called"
         headers = {name: client_headers[name] for name in FORWARDED_HEADERS if name in client_headers}
+        headers["content-type"] = "application/json"
+        if idempotency_key is not None:
+            headers["idempotency-key"] = idempotency_key
         headers["accept-encoding"] = "identity"  # relay bytes as they are; never re-compress SSE
         headers["x-request-id"] = request_id
         order = self.pool.order()

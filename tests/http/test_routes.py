@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -81,23 +83,56 @@ def test_upstream_sees_its_key_and_none_of_the_clients_credentials(gateway: Serv
     assert KEY not in str(headers)
 
 
-def _forwarded(body: bytes, stats: Any, gateway: Service) -> str:
+def _forwarded(body: bytes, stats: Any, gateway: Service, content_type: str = "application/json",
+               key: str = KEY, **headers: str) -> dict[str, Any]:
+    r = httpx.post(gateway.url + "/v1/images/generations", content=body,
+                   headers={"authorization": f"Bearer {key}", "content-type": content_type, **headers})
+    assert r.status_code == 200, r.text
+    return [e for e in stats()["recent"] if e["path"] == "/v1/images/generations"][-1]  # type: ignore
+
+
+def test_upstream_receives_the_validated_request_as_json(gateway: Service, stats: Any) -> None:
+    body = b'{"model":"gpt-image-1", "prompt":"keep my fields",   "zz": {"b": 2, "a": [1, null]}, "n": 1}'
+    seen = _forwarded(body, stats, gateway, content_type="text/plain")
+    assert json.loads(seen["raw"]) == json.loads(body)
+    assert seen["headers"]["content-type"] == "application/json"
+
+
+def test_default_model_is_set_and_nothing_else_changes(gateway: Service, stats: Any) -> None:
+    seen = _forwarded(b' {"prompt":"no model",   "zz": {"b": 2, "a": 1}}', stats, gateway)
+    assert json.loads(seen["raw"]) == {"model": "gpt-image-1", "prompt": "no model", "zz": {"b": 2, "a": 1}}
+    seen = _forwarded(b'{"prompt":"null model","model":null}', stats, gateway)
+    assert json.loads(seen["raw"])["model"] == "gpt-image-1"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b'{"model":"dall-e-3","n":10,"prompt":"x","model":"gpt-image-1","n":1}', "model"),
+    (b'{"prompt":"x","n":1,"n":1}', "n"),
+    (b'{"prompt":"x","zz":{"a":1,"a":2}}', "a"),
+    (b'{"prompt":"x","Model":"dall-e-3","N":10}', "Model"),
+    (b'{"prompt":"x","PROMPT":"y"}', "PROMPT"),
+    (b'{"prompt":"x","n":NaN}', None),
+])
+def test_duplicate_and_case_variant_fields_are_refused_before_the_upstream(
+        gateway: Service, stats: Any, body: bytes, param: str | None) -> None:
     r = httpx.post(gateway.url + "/v1/images/generations", content=body,
                    headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
-    assert r.status_code == 200, r.text
-    return [e for e in stats()["recent"] if e["path"] == "/v1/images/generations"][-1]["raw"]  # type: ignore
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["code"] == "invalid_value"
+    assert stats()["requests"] == 0
 
 
-def test_original_request_bytes_are_forwarded_unchanged(gateway: Service, stats: Any) -> None:
-    body = b'{"model":"gpt-image-1", "prompt":"keep my bytes",   "zz": {"b": 2, "a": 1}, "n": 1}'
-    assert _forwarded(body, stats, gateway) == body.decode()
-
-
-def test_default_model_is_spliced_in_and_nothing_else_changes(gateway: Service, stats: Any) -> None:
-    body = b' {"prompt":"no model",   "zz": {"b": 2, "a": 1}}'
-    assert _forwarded(body, stats, gateway) == ' {"model":"gpt-image-1","prompt":"no model",   "zz": {"b": 2, "a": 1}}'
-    explicit_null = b'{"prompt":"null model","model":null}'
-    assert '"model":"gpt-image-1"' in _forwarded(explicit_null, stats, gateway)
+def test_user_and_idempotency_key_go_upstream_scoped_to_the_gateway_user(gateway: Service, stats: Any) -> None:
+    alice = _forwarded(b'{"prompt":"x","user":"bob"}', stats, gateway, **{"idempotency-key": "k-1"})
+    bob = _forwarded(b'{"prompt":"x","model":"dall-e-3","user":"bob"}', stats, gateway, key=OTHER_KEY,
+                     **{"idempotency-key": "k-1"})
+    assert json.loads(alice["raw"])["user"] != "bob" and json.loads(bob["raw"])["user"] != "bob"
+    assert json.loads(alice["raw"])["user"] != json.loads(bob["raw"])["user"]
+    assert alice["headers"]["idempotency-key"] != bob["headers"]["idempotency-key"]
+    assert "k-1" not in (alice["headers"]["idempotency-key"], bob["headers"]["idempotency-key"])
+    again = _forwarded(b'{"prompt":"y","user":"someone-else"}', stats, gateway, **{"idempotency-key": "k-1"})
+    assert json.loads(again["raw"])["user"] == json.loads(alice["raw"])["user"]  # stable per gateway user
+    assert again["headers"]["idempotency-key"] == alice["headers"]["idempotency-key"]
 
 
 async def test_async_sdk_stream_with_partial_images(gateway: Service) -> None:
@@ -311,3 +346,20 @@ def test_body_cut_after_a_200_is_502_not_retried(gateway: Service, stats: Any) -
     assert info.value.response.headers["x-should-retry"] == "false"
     calls = [e for e in stats()["recent"] if e["headers"].get("tt-api-key") == UPSTREAM_KEY]
     assert len(calls) == 1  # the upstream answered 200 (and billed): the SDK must not retry
+
+
+def test_usage_is_settled_in_redis_when_the_sdk_call_returns(gateway: Service, redis_server: RedisServer) -> None:
+    day = f"igw:{{u:alice}}:d:{datetime.now(UTC):%Y-%m-%d}"
+    before = int(redis_server.client().hget(day, "output_tokens") or 0)
+    sdk(gateway).images.generate(prompt="settled before the answer", quality="low", size="1024x1024")
+    assert int(redis_server.client().hget(day, "output_tokens") or 0) == before + 272
+
+
+def test_a_whitespace_prompt_is_a_prompt(gateway: Service, stats: Any) -> None:
+    sdk(gateway).images.generate(prompt="   ", quality="low")  # SPEC: required and non-empty, nothing more
+    assert stats()["requests"] == 1
+
+
+def test_the_upstream_is_asked_for_unencoded_bytes(gateway: Service, stats: Any) -> None:
+    seen = _forwarded(b'{"prompt":"x"}', stats, gateway, **{"accept-encoding": "gzip, br"})
+    assert seen["headers"]["accept-encoding"] == "identity"
