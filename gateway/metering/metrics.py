@@ -27,7 +27,7 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
                     30, 45, 60, 90, 120, 180, 300, 450, 600)
 
 
-REDIS_OPS = ("admit", "settle", "ping", "auth")
+REDIS_OPS = ("admit", "cancel", "settle", "ping", "auth")
 UPSTREAM_ERROR_REASONS = ("upstream_timeout", "upstream_unavailable", "upstream_auth_failed", "status_4xx",
                           "status_5xx")
 

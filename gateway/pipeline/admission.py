@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from gateway.errors import ServiceUnavailable
 from gateway.metering.pricing import estimate
@@ -10,6 +11,8 @@ from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.gateway import Gateway
 from gateway.redisdb.client import REDIS_ERRORS
 from gateway.tasks import spawn
+
+log = logging.getLogger("gateway.admission")
 
 
 async def admit(gw: Gateway, exchange: Exchange) -> list[tuple[bytes, bytes]]:
@@ -37,16 +40,19 @@ async def admit(gw: Gateway, exchange: Exchange) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in admission.headers.items()]
 
 
-async def cancel_admission(gw: Gateway, exchange: Exchange, attempts: int = 8) -> None:
+async def cancel_admission(gw: Gateway, exchange: Exchange, attempts: int = 8, first_delay: float = 0.1) -> None:
     """Free the slot, window entries and reservation of a request refused with 503 (bounded retries)."""
     assert gw.limiter is not None
-    delay = 0.1
+    delay = first_delay
     for _ in range(attempts):
         try:
             await gw.limiter.cancel(user=exchange.principal.user, request_id=exchange.request_id,
                                     n=exchange.request.n, now_ms=exchange.started_ms)
             return
         except REDIS_ERRORS:
+            gw.metrics.redis_errors.labels("cancel").inc()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-    # Still unreachable: the lease expires by itself (upstream timeout + 60 s after admission).
+    # Still unreachable: what admit may have written stays until its lease expires (upstream timeout + 60 s).
+    log.error("could not undo the admission of request %s after %d attempts; its slot and reservation are held "
+              "until the lease expires", exchange.request_id, attempts)
