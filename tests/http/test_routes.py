@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import socket
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.metering.ledger import parse_iso
 from tests.support.procs import RedisServer, Service, free_port, start_fake_upstream, start_gateway
 
 KEY = "sk-igw-test_routes-0123456789abcdef"
@@ -363,3 +366,25 @@ def test_a_whitespace_prompt_is_a_prompt(gateway: Service, stats: Any) -> None:
 def test_the_upstream_is_asked_for_unencoded_bytes(gateway: Service, stats: Any) -> None:
     seen = _forwarded(b'{"prompt":"x"}', stats, gateway, **{"accept-encoding": "gzip, br"})
     assert seen["headers"]["accept-encoding"] == "identity"
+
+
+def test_record_time_and_latency_count_from_when_the_request_arrived(gateway: Service,
+                                                                      redis_server: RedisServer) -> None:
+    """A slow upload: the record's time is when the request arrived, before its body was sent."""
+    body = b'{"prompt":"slow upload","quality":"low"}'
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+        time.sleep(0.5)  # the client's upload, not synchronisation
+        body_sent_ms = time.time_ns() // 1_000_000
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    _, fields = redis_server.client().xrevrange("igw:{u:alice}:ledger", count=1)[0]
+    assert fields[b"request_id"].decode() in answer.decode("latin-1")
+    assert parse_iso(fields[b"time"].decode()) < body_sent_ms
+    assert int(fields[b"latency_ms"]) >= 500
