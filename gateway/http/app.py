@@ -9,11 +9,12 @@ from typing import Any
 import aiohttp
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from gateway.admin.keys_api import ADMIN_ROUTES
 from gateway.admin.usage_api import USAGE_ROUTES
 from gateway.config import Settings, load_settings
+from gateway.console.routes import CONSOLE_ROUTES
 from gateway.errors import GatewayError
 from gateway.http import system
 from gateway.http.images import create_image
@@ -46,7 +47,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
             await drain_background_tasks(grace_seconds=settings.upstream.timeout_seconds)
             await gw.close()
 
-    app = FastAPI(title="Image gateway", lifespan=lifespan, routes=[*ROUTES, *ADMIN_ROUTES, *USAGE_ROUTES],
+    routes: list[BaseRoute] = [*ROUTES, *ADMIN_ROUTES, *USAGE_ROUTES, *CONSOLE_ROUTES]
+    app = FastAPI(title="Image gateway", lifespan=lifespan, routes=routes,
                   docs_url=None, redoc_url=None, openapi_url=None,
                   exception_handlers={GatewayError: system.gateway_error, Exception: system.internal_error,
                                       404: system.not_found, 405: system.not_found})

@@ -71,3 +71,12 @@ class RedisKeys:
     def auth_block(self, client: str) -> str:
         """String whose TTL is the time a client address stays refused."""
         return f"{self.prefix}{{a:{client}}}:authblock"
+
+    # --- admin console ---
+    def console_session(self, digest: str) -> str:
+        """Hash: a console session (its CSRF token), under the SHA-256 of the session cookie."""
+        return f"{self.prefix}console:session:{digest}"
+
+    def console_code(self, digest: str) -> str:
+        """String: a one-time console sign-in code (``gateway demo``), under its SHA-256."""
+        return f"{self.prefix}console:code:{digest}"
