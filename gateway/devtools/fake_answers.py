@@ -38,13 +38,14 @@ class FakeOptions:
     pad_bytes: int = 0
     usage: bool = True
     created: int | None = None  # fixed ``created``/``created_at`` (byte-identical answers); None: now
+    gate: str | None = None  # hold the answer until the test opens this gate (POST /_fake/gates/NAME)
 
     def now(self) -> int:
         return int(time.time()) if self.created is None else self.created
 
 
 _KNOB_TYPES: dict[str, type] = {"latency": float, "event_gap": float, "status": int, "hang": bool,
-                                "cut_after": int, "pad_bytes": int, "usage": bool, "created": int}
+                                "cut_after": int, "pad_bytes": int, "usage": bool, "created": int, "gate": str}
 
 
 class FakeError(Exception):
@@ -76,6 +77,8 @@ def knobs_of(raw: Any, options: FakeOptions) -> FakeOptions:
                             f"fake.{name}")
         if kind is bool:
             valid = isinstance(value, bool)
+        elif kind is str:
+            valid = isinstance(value, str) and 0 < len(value) <= 64
         else:  # a non-negative number (an integer where kind is int); a status is an error status
             valid = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 and \
                 (kind is float or isinstance(value, int)) and (name != "status" or 400 <= value <= 599)

@@ -14,7 +14,8 @@ Knobs, CLI defaults overridden per request by a body field ``"fake": {...}``: ``
 (s before answering), ``event_gap`` (s between SSE events), ``status`` (answer this error),
 ``hang`` (never answer), ``cut_after`` (drop the connection after N SSE events; unstreamed:
 after N body bytes), ``pad_bytes`` (each image about this big), ``usage`` (false: omit it),
-``created`` (a fixed timestamp, for byte-identical answers).
+``created`` (a fixed timestamp, for byte-identical answers), ``gate`` (hold the answer until
+``POST /_fake/gates/NAME`` opens that gate: tests hold requests in flight without timing).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Stats:
 
 OPTIONS = web.AppKey("options", FakeOptions)
 STATS = web.AppKey("stats", Stats)
+GATES = web.AppKey("gates", dict)  # gate name -> asyncio.Event; requests with fake.gate wait for it
 
 
 def _drop_connection(request: web.Request) -> None:
@@ -138,6 +140,8 @@ async def _generate(request: web.Request, entry: dict[str, Any], stats: Stats) -
     stats.model(plan.model)["requests"] += 1
     if knobs.hang:
         await asyncio.Future()  # cancelled when the client goes away (handler_cancellation)
+    if knobs.gate:
+        await request.app[GATES].setdefault(knobs.gate, asyncio.Event()).wait()
     if knobs.latency:
         await asyncio.sleep(knobs.latency)
     if knobs.status:
@@ -205,6 +209,13 @@ async def stats_view(request: web.Request) -> web.Response:
 
 async def reset(request: web.Request) -> web.Response:
     request.app[STATS].reset()
+    request.app[GATES].clear()
+    return web.Response(status=204)
+
+
+async def open_gate(request: web.Request) -> web.Response:
+    """Release every request held at this gate, and let later ones through at once."""
+    request.app[GATES].setdefault(request.match_info["name"], asyncio.Event()).set()
     return web.Response(status=204)
 
 
@@ -213,11 +224,13 @@ def create_app(options: FakeOptions | None = None) -> web.Application:
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app[OPTIONS] = options or FakeOptions()
     app[STATS] = Stats()
+    app[GATES] = {}
     app.router.add_post("/v1/images/generations", generate)
     app.router.add_get("/files/{name}", download)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/_fake/stats", stats_view)
     app.router.add_post("/_fake/reset", reset)
+    app.router.add_post("/_fake/gates/{name}", open_gate)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 

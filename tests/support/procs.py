@@ -47,18 +47,22 @@ def cluster_port() -> int:
 
 
 def wait_until(check: Any, what: str, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None) -> None:
-    """Poll ``check()`` until it is truthy (readiness polling, not a sleep as synchronisation)."""
+    """Poll ``check()`` until it is truthy (readiness polling, not a sleep as synchronisation).
+
+    An exception from ``check`` counts as "not yet"; at the timeout the last one is the cause.
+    """
     deadline = time.monotonic() + timeout
+    last: Exception | None = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
         try:
             if check():
                 return
-        except Exception:
-            pass
+        except Exception as exc:
+            last = exc
         time.sleep(0.05)
-    raise TimeoutError(f"{what} not ready after {timeout}s")
+    raise TimeoutError(f"{what} not ready after {timeout}s") from last
 
 
 def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
