@@ -111,6 +111,15 @@ class ServiceUnavailable(GatewayError):
     code = "service_unavailable"
 
 
+class ShuttingDown(ServiceUnavailable):
+    """The gateway stopped before the upstream answered; the upstream call still completes and is billed."""
+
+    def __init__(self) -> None:
+        super().__init__("The gateway is shutting down; your request is still being completed upstream and will be "
+                         "billed. Retry with the same Idempotency-Key to get its answer instead of a second image.",
+                         headers={"x-should-retry": "false", "retry-after": "1"})
+
+
 class UpstreamAuthFailed(GatewayError):
     status = 502
     type = "server_error"

@@ -18,7 +18,7 @@ from typing import Any
 from starlette.requests import Request
 
 from gateway.auth.authenticator import Principal
-from gateway.errors import GatewayError, ModelNotAllowed
+from gateway.errors import GatewayError, ModelNotAllowed, ShuttingDown
 from gateway.pipeline.admission import admit
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.gateway import Gateway
@@ -85,8 +85,14 @@ async def call_upstream(gw: Gateway, exchange: Exchange, body: bytes, request: R
     try:
         outcome = await asyncio.shield(task)
     except asyncio.CancelledError:
+        # The server is stopping past its grace period. The call goes on in the background and is settled;
+        # the client gets an answer it will not blindly retry (the server's own would be a bare 500, which
+        # SDKs retry: a second, billed, generation).
         task.add_done_callback(lambda t: _drain_orphaned_stream(t, gw, exchange, timeout))
-        raise
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+        return ShuttingDown().to_response(exchange.request_id)
     if isinstance(outcome, UpstreamReply):
         return StreamRelayResponse(exchange, outcome, [*_SSE_HEADERS, *headers], gw.meter.finish, timeout)
     return outcome

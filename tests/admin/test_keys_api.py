@@ -24,6 +24,7 @@ from gateway.auth.keystore import KeyStore, iso_utc
 from gateway.config import key_digest, parse_settings
 from gateway.redisdb.keys import RedisKeys
 from tests.support.procs import RedisServer, Service, start_fake_upstream, start_gateway
+from tests.support.redisdump import redis_contents as contents_of
 
 ADMIN_TOKEN = "adm-" + secrets.token_urlsafe(24)
 UPSTREAM_KEY = "tt-admin-tests"
@@ -101,16 +102,7 @@ def _text(value: bytes | str) -> str:
 
 
 def redis_contents(url: str) -> str:
-    """Every key and value in Redis, as one string to search."""
-    client = redis.Redis.from_url(url)
-    read = {"string": client.get, "hash": client.hgetall, "set": client.smembers,
-            "list": lambda k: client.lrange(k, 0, -1), "zset": lambda k: client.zrange(k, 0, -1)}
-    parts = []
-    for key in client.scan_iter(match="*"):
-        kind = _text(client.type(key))
-        value = read[kind](key) if kind in read else kind
-        parts.append(f"{key!r}={value!r}")
-    return "\n".join(parts)
+    return contents_of(redis.Redis.from_url(url))
 
 
 def key_data(url: str) -> list[bytes]:

@@ -47,6 +47,14 @@ def test_shutdown_mid_request_still_settles_the_usage(stream: bool, redis_url: s
         wait_until(lambda: httpx.get(fake.url + "/_fake/stats").json()["requests"] == 1, "request upstream")
         gw.stop(signal.SIGTERM)  # returns once the gateway process has exited
         thread.join(30)
+        assert not thread.is_alive()  # the client got an answer; it is not left hanging
+        # Past the grace the client is told not to retry blindly (the call is still billed, once); a stream
+        # already under way is cut.
+        if stream:
+            assert "error" in result, result
+        else:
+            assert result["r"].status_code == 503 and result["r"].headers["x-should-retry"] == "false"
+            assert result["r"].json()["error"]["code"] == "service_unavailable"
         r = redis.Redis.from_url(redis_url)
         days = [k for k in r.scan_iter("igw:{u:erin}:d:*")]
         assert len(days) == 1

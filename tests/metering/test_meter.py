@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metering.ledger import FIELDS
 from tests.support.procs import RedisServer, Service, start_fake_upstream, start_gateway, wait_until
+from tests.support.redisdump import redis_contents
 
 ALICE_KEY = "sk-igw-test_metering-alice-0123456789"
 BOB_KEY = "sk-igw-test_metering-bob-9876543210"
@@ -233,26 +234,7 @@ def test_every_view_of_usage_equals_what_the_upstream_reported(
 
 
 def redis_dump(server: RedisServer) -> str:
-    """Every key and value in Redis, as text."""
-    c = server.client()
-    parts: list[Any] = []
-    for key in c.scan_iter(count=1000):
-        kind = c.type(key).decode()
-        parts.append(key)
-        if kind == "string":
-            parts.append(c.get(key))
-        elif kind == "hash":
-            parts.append(c.hgetall(key))
-        elif kind == "stream":
-            parts.append(c.xrange(key))
-        elif kind == "set":
-            parts.append(c.smembers(key))
-        elif kind == "zset":
-            parts.append(c.zrange(key, 0, -1, withscores=True))
-        elif kind == "list":
-            parts.append(c.lrange(key, 0, -1))
-    assert parts, "Redis is empty: nothing was scanned"
-    return repr(parts)
+    return redis_contents(server.client())
 
 
 def test_usage_served_while_redis_was_down_reaches_the_ledger(fake: Service, tmp_path: Path) -> None:
