@@ -61,6 +61,14 @@ class RequestTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class ClientGone(GatewayError):
+    """The client went away before its request body arrived (nginx's 499; nobody reads the answer)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
 class InvalidApiKey(GatewayError):
     status = 401
     type = "invalid_request_error"

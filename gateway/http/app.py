@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,4 +59,16 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
 
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` (each worker loads the config named by GATEWAY_CONFIG)."""
+    configure_logging()
     return create_app(load_settings())
+
+
+def configure_logging() -> None:
+    """The gateway's own INFO lines (key changes, disconnects, spool replays) on stderr, like uvicorn's."""
+    logger = logging.getLogger("gateway")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

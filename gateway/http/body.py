@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from gateway.errors import InvalidRequest, RequestTooLarge
+from gateway.errors import ClientGone, InvalidRequest, RequestTooLarge
+
+log = logging.getLogger("gateway")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -17,11 +20,17 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes.")
     parts: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-        parts.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+            parts.append(chunk)
+    except ClientDisconnect:
+        # Routine on a busy gateway (timeouts, cancelled uploads): one INFO line, never a traceback.
+        log.info("client disconnected mid-upload after %d bytes (request %s)", size,
+                 request.scope.get("request_id", "-"))
+        raise ClientGone("The client disconnected before its request body arrived.") from None
     return b"".join(parts)
 
 

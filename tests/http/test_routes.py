@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from gateway.metering.ledger import parse_iso
-from tests.support.procs import RedisServer, Service, free_port, start_fake_upstream, start_gateway
+from tests.support.procs import RedisServer, Service, free_port, start_fake_upstream, start_gateway, wait_until
 
 KEY = "sk-igw-test_routes-0123456789abcdef"
 OTHER_KEY = "sk-igw-test_routes-other-key-xyz"
@@ -398,3 +398,14 @@ def test_record_time_and_latency_count_from_when_the_request_arrived(gateway: Se
     assert fields[b"request_id"].decode() in answer.decode("latin-1")
     assert parse_iso(fields[b"time"].decode()) < body_sent_ms
     assert int(fields[b"latency_ms"]) >= 500
+
+
+def test_a_client_gone_mid_upload_is_one_info_line(gateway: Service, stats: Any) -> None:
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"prompt\": ")
+    wait_until(lambda: "disconnected mid-upload" in gateway.log_path.read_text(), "the disconnect logged")
+    log = gateway.log_path.read_text()
+    assert "Traceback" not in log and "ClientDisconnect" not in log
+    assert stats()["requests"] == 0
