@@ -8,6 +8,7 @@ rules may only use SPEC section 7 metric names, and a running gateway must expor
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -178,6 +179,14 @@ def test_docker_compose_config_is_valid(tmp_path: Path) -> None:
     stop = re.fullmatch(r"(\d+)s", gateway["stop_grace_period"])
     assert stop, gateway["stop_grace_period"]
     assert int(stop.group(1)) >= int(gateway["environment"]["GATEWAY_GRACE_SECONDS"]) + 20
+    assert_trusted_proxies_are_a_range(gateway["environment"]["FORWARDED_ALLOW_IPS"])
+
+
+def assert_trusted_proxies_are_a_range(value: str) -> None:
+    """FORWARDED_ALLOW_IPS names addresses or networks, never ``*`` (anyone could set the client address)."""
+    for item in value.split(","):
+        assert item.strip() != "*", value
+        ipaddress.ip_network(item.strip(), strict=False)
 
 
 def test_docker_compose_demands_the_required_secrets(tmp_path: Path) -> None:
@@ -320,6 +329,7 @@ def test_kubernetes_deployment_wiring() -> None:
         assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
     # The pod outlives the gateway's own grace period (preStop + grace + usage flush).
     assert pod["terminationGracePeriodSeconds"] >= int(env["GATEWAY_GRACE_SECONDS"]["value"]) + 20
+    assert_trusted_proxies_are_a_range(env["FORWARDED_ALLOW_IPS"]["value"])
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
 

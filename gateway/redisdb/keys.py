@@ -69,8 +69,16 @@ class RedisKeys:
         return f"{self.prefix}{{a:{client}}}:authfail"
 
     def auth_block(self, client: str) -> str:
-        """String whose TTL is the time a client address stays refused."""
+        """String whose TTL is the time a client address's failing keys stay refused."""
         return f"{self.prefix}{{a:{client}}}:authblock"
+
+    def admin_auth_failures(self, client: str) -> str:
+        """Like ``auth_failures``, for wrong admin tokens (counted apart from API keys)."""
+        return f"{self.prefix}{{a:{client}}}:adminfail"
+
+    def admin_auth_block(self, client: str) -> str:
+        """Like ``auth_block``, for wrong admin tokens."""
+        return f"{self.prefix}{{a:{client}}}:adminblock"
 
     # --- admin console ---
     def console_session(self, digest: str) -> str:

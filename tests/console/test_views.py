@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
+import redis
 
 from gateway.config import parse_settings
+from gateway.redisdb.keys import RedisKeys
 from tests.support.asgi import app_client
 
 TOKEN = "console-admin-token-0123456789"
@@ -48,9 +50,10 @@ async def test_a_wrong_token_is_refused_and_counted_by_the_guard(console: httpx.
     r = await sign_in(console, "wrong")
     assert r.status_code == 401 and "not the admin token" in r.text
     assert "igw_console" not in r.cookies
-    import redis
-
-    assert redis.Redis.from_url(redis_url).zcard("igw:{a:127.0.0.1}:authfail") == 1
+    # Counted as a wrong admin token, apart from failed API keys.
+    client = redis.Redis.from_url(redis_url)
+    assert client.zcard(RedisKeys().admin_auth_failures("127.0.0.1")) == 1
+    assert client.exists(RedisKeys().auth_failures("127.0.0.1")) == 0
 
 
 async def test_sign_in_sets_a_strict_http_only_cookie_for_twelve_hours(console: httpx.AsyncClient) -> None:
