@@ -7,8 +7,10 @@ file fails at start (and in ``gateway check-config``) instead of at the first re
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -28,9 +30,22 @@ LIMIT_NAMES = (
 )
 DEFAULT_MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1", "dall-e-2", "dall-e-3")
 FAMILIES = ("gpt-image", "dall-e-2", "dall-e-3")
-# Users and teams end up in Redis keys (inside a Cluster hash tag) and metric labels.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+# Users and teams end up in Redis keys (inside a Cluster hash tag), metric labels and records
+# split on newlines: matched whole (``valid_name``), never with ``match`` ("carol\n" would pass).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+# Limits are summed in Redis integers (usd as micro-dollars): past this they would overflow.
+LIMIT_MAX = 10**12
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def valid_name(value: Any) -> bool:
+    """A user or team name: the whole string matches ``NAME_RE``."""
+    return isinstance(value, str) and NAME_RE.fullmatch(value) is not None
+
+
+def control_free(value: str) -> bool:
+    """No control, format or line-separator characters (they would reach terminals and logs raw)."""
+    return not any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in value)
 
 
 class ConfigError(ValueError):
@@ -187,14 +202,18 @@ def _check_known(section: Mapping[str, Any], allowed: set[str], key: str) -> Non
 
 
 def _number(value: Any, key: str, *, integer: bool = False, minimum: float = 0, allow_none: bool = False,
-            exclusive: bool = False) -> Any:
+            exclusive: bool = False, below: float | None = None) -> Any:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
         kind = "an integer" if integer else "a number"
         raise ConfigError(key, f"must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value!r}")
     if value < minimum or (exclusive and value == minimum):
         raise ConfigError(key, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+    if below is not None and value >= below:
+        raise ConfigError(key, f"must be below {below:.0e}, got {value!r}")
     return value
 
 
@@ -227,7 +246,8 @@ def _limits(raw: Any, key: str) -> dict[str, Any]:
     _check_known(data, set(LIMIT_NAMES), key)
     out: dict[str, Any] = {}
     for name, value in data.items():
-        out[name] = _number(value, f"{key}.{name}", integer=name != "usd_per_month", allow_none=True)
+        out[name] = _number(value, f"{key}.{name}", integer=name != "usd_per_month", allow_none=True,
+                            below=LIMIT_MAX)
     return out
 
 
@@ -310,18 +330,21 @@ def _keys(raw: Any, plans: Mapping[str, Plan], models: Mapping[str, ModelConfig]
             raise ConfigError(f"{key}.sha256", "duplicates an earlier key")
         seen.add(digest.lower())
         user = spec.get("user")
-        if not isinstance(user, str) or not NAME_RE.match(user):
+        if not valid_name(user):
             raise ConfigError(f"{key}.user", "required: letters, digits and . _ @ - (at most 128)")
         team = spec.get("team")
-        if team is not None and (not isinstance(team, str) or not NAME_RE.match(team)):
+        if team is not None and not valid_name(team):
             raise ConfigError(f"{key}.team", "letters, digits and . _ @ - (at most 128)")
+        name = spec.get("name")
+        if name is not None and (not isinstance(name, str) or not control_free(name)):
+            raise ConfigError(f"{key}.name", "must be a string without control characters")
         plan = spec.get("plan", "default")
         if plan not in plans:
             raise ConfigError(f"{key}.plan", f"no plan named {plan!r} under 'plans'")
         out.append(StaticKey(sha256=digest.lower(), user=user, team=team, plan=plan,
                              limits=_limits(spec.get("limits"), f"{key}.limits"),
                              models=_model_list(spec.get("models"), f"{key}.models", models),
-                             name=spec.get("name")))
+                             name=name))
     return tuple(out)
 
 

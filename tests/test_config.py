@@ -39,6 +39,13 @@ def test_environment_overrides_and_secrets() -> None:
     ({"plans": {"p": {"models": ["gpt-4o"]}}}, "plans.p.models", "not enabled"),
     ({"keys": [{"user": "u", "sha256": "sk-igw-plaintext"}]}, "keys[0].sha256", "never the key"),
     ({"keys": [{"user": "u{x}", "sha256": "a" * 64}]}, "keys[0].user", "letters"),
+    ({"keys": [{"user": "carol\n", "sha256": "a" * 64}]}, "keys[0].user", "letters"),
+    ({"keys": [{"user": "u", "team": "art\n", "sha256": "a" * 64}]}, "keys[0].team", "letters"),
+    ({"keys": [{"user": "u", "name": "\x1b[2J", "sha256": "a" * 64}]}, "keys[0].name", "control"),
+    ({"keys": [{"user": "u", "sha256": "a" * 64, "limits": {"usd_per_month": 1e308}}]},
+     "keys[0].limits.usd_per_month", "below"),
+    ({"plans": {"p": {"tokens_per_day": 10**12}}}, "plans.p.tokens_per_day", "below"),
+    ({"plans": {"p": {"usd_per_month": -1.0}}}, "plans.p.usd_per_month", ">= 0"),
     ({"keys": [{"user": "u", "plan": "nope", "sha256": "a" * 64}]}, "keys[0].plan", "no plan"),
     ({"keys": [{"user": "u", "sha256": "a" * 64}, {"user": "v", "sha256": "A" * 64}]}, "keys[1].sha256",
      "duplicates"),
@@ -69,3 +76,24 @@ def test_models_absent_enables_the_default_set_unpriced() -> None:
     assert list(s.models) == ["gpt-image-2", "gpt-image-1.5", "gpt-image-1", "dall-e-2", "dall-e-3"]
     assert not any(m.priced for m in s.models.values())
     assert s.models["dall-e-3"].family == "dall-e-3" and s.models["gpt-image-2"].family == "gpt-image"
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("plans: {default: {usd_per_month: .inf}}", "plans.default.usd_per_month"),
+    ("plans: {default: {usd_per_month: .nan}}", "plans.default.usd_per_month"),
+    ("plans: {default: {usd_per_month: -.inf}}", "plans.default.usd_per_month"),
+    ("models: {gpt-image-1: {output_per_1m: .nan}}", "models.gpt-image-1.output_per_1m"),
+    ("upstream: {timeout_seconds: .inf}", "upstream.timeout_seconds"),
+])
+def test_infinite_and_nan_numbers_in_yaml_are_refused(tmp_path: Path, text: str, key: str) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert info.value.key == key and "finite" in str(info.value)
+
+
+def test_limits_just_below_the_maximum_are_accepted() -> None:
+    s = parse_settings({"plans": {"default": {"tokens_per_day": 10**12 - 1, "usd_per_month": 999_999_999_999.0}}},
+                       env={})
+    assert s.plan("default").limits.tokens_per_day == 10**12 - 1

@@ -2,7 +2,8 @@
 
 Every /admin route takes ``Authorization: Bearer $GATEWAY_ADMIN_TOKEN`` (compared in
 constant time); a missing or wrong token is a 401 and counts as a failed authentication
-for the brute-force guard (counted apart from API keys; a right token is always served). Without ``GATEWAY_ADMIN_TOKEN`` every /admin route answers the
+for the brute-force guard (apart from API keys; a right token is always served). Without
+``GATEWAY_ADMIN_TOKEN`` every /admin route answers the
 gateway's usual 404, as if it did not exist. The token and keys are never logged; the
 plaintext key appears once, in the body of the 201 that created it.
 """

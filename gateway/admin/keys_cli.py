@@ -80,6 +80,11 @@ def _create(args: argparse.Namespace) -> int:
     return _run(args, action)
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``): nothing reaches the terminal raw."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _list(args: argparse.Namespace) -> int:
     async def action(store: KeyStore) -> int:
         records = await store.list(args.user)
@@ -88,9 +93,11 @@ def _list(args: argparse.Namespace) -> int:
             return 0
         rows = [("ID", "USER", "TEAM", "PLAN", "NAME", "CREATED", "EXPIRES", "MODELS", "LIMITS")]
         for r in records:
-            rows.append((r.id, r.user, r.team or "-", r.plan, r.name or "-", r.created_at, r.expires_at or "-",
-                         ",".join(r.models) if r.models is not None else "*",
-                         ",".join(f"{k}={v}" for k, v in sorted(r.limits.items())) or "-"))
+            # Records written before names were checked (or by hand) may hold anything: escape every cell.
+            rows.append(tuple(printable(str(cell)) for cell in (
+                r.id, r.user, r.team or "-", r.plan, r.name or "-", r.created_at, r.expires_at or "-",
+                ",".join(r.models) if r.models is not None else "*",
+                ",".join(f"{k}={v}" for k, v in sorted(r.limits.items())) or "-")))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.config import NAME_RE
+from gateway.config import valid_name
 from gateway.errors import InvalidRequest, MissingParameter
 from gateway.metering.ledger import parse_iso
 
@@ -15,7 +15,7 @@ def parse_user(value: str | None, *, required: bool) -> str | None:
         if required:
             raise MissingParameter("Missing required parameter: 'user'.", param="user")
         return None
-    if not NAME_RE.match(value):
+    if not valid_name(value):
         raise InvalidRequest("'user' must be letters, digits and . _ @ - (at most 128).", param="user")
     return value
 

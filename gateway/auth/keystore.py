@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.auth.authenticator import StoredKey
-from gateway.config import NAME_RE, ConfigError, Settings, _limits, _model_list, key_digest
+from gateway.config import ConfigError, Settings, _limits, _model_list, control_free, key_digest, valid_name
 from gateway.errors import InvalidRequest, MissingParameter, ServiceUnavailable
 from gateway.redisdb.client import REDIS_ERRORS
 from gateway.redisdb.keys import RedisKeys
@@ -105,7 +105,7 @@ def _name(value: Any, param: str, *, required: bool) -> str | None:
         if required:
             raise MissingParameter(f"Missing required parameter: '{param}'.", param=param)
         return None
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not valid_name(value):
         raise InvalidRequest(f"Invalid '{param}': letters, digits and . _ @ - (at most 128, not starting "
                              "with a symbol).", param=param)
     return value
@@ -154,9 +154,9 @@ def validate_key_spec(body: Mapping[str, Any], settings: Settings, now: datetime
     except ConfigError as exc:
         raise _invalid(exc) from None
     name = body.get("name")
-    if name is not None and (not isinstance(name, str) or len(name) > _NAME_MAX):
-        raise InvalidRequest(f"Invalid 'name': must be a string of at most {_NAME_MAX} characters.",
-                             param="name")
+    if name is not None and (not isinstance(name, str) or len(name) > _NAME_MAX or not control_free(name)):
+        raise InvalidRequest(f"Invalid 'name': must be a string of at most {_NAME_MAX} characters, without "
+                             "control characters.", param="name")
     return KeySpec(user=user, team=team, plan=plan, limits=limits, models=models, name=name,
                    expires_at=_expires_at(body.get("expires_at"), now))
 

@@ -260,6 +260,12 @@ def test_redis_holds_the_digest_never_the_key(replicas: tuple[Service, Service],
 @pytest.mark.parametrize(("body", "param", "code"), [
     ({}, "user", "missing_required_parameter"),
     ({"user": "al ice"}, "user", "invalid_value"),
+    ({"user": "carol\n"}, "user", "invalid_value"),
+    ({"user": "alice", "team": "art\n"}, "team", "invalid_value"),
+    ({"user": "alice", "name": "\u001b[2Jcleared"}, "name", "invalid_value"),
+    ({"user": "alice", "limits": {"usd_per_month": 1e308}}, "limits.usd_per_month", "invalid_value"),
+    ({"user": "alice", "limits": {"tokens_per_day": 10**12}}, "limits.tokens_per_day", "invalid_value"),
+    ({"user": "alice", "limits": {"images_per_day": 10**30}}, "limits.images_per_day", "invalid_value"),
     ({"user": "alice", "team": ""}, "team", "invalid_value"),
     ({"user": "alice", "plan": "platinum"}, "plan", "invalid_value"),
     ({"user": "alice", "limits": {"requests_per_minute": "1"}}, "limits.requests_per_minute",
@@ -291,7 +297,8 @@ def test_body_that_is_not_json_is_400(replicas: tuple[Service, Service], redis_u
     assert key_data(redis_url) == []
 
 
-@pytest.mark.parametrize(("query", "param"), [({}, "user"), ({"user": "bad user"}, "user")])
+@pytest.mark.parametrize(("query", "param"), [({}, "user"), ({"user": "bad user"}, "user"),
+                                             ({"user": "carol\n"}, "user")])
 def test_listing_needs_a_valid_user(replicas: tuple[Service, Service], query: dict[str, str],
                                     param: str) -> None:
     with admin(replicas[0]) as http:

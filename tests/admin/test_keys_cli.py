@@ -140,3 +140,24 @@ def test_bad_config_exits_2(redis_url: str, tmp_path: Path) -> None:
     bad.write_text("redis: {key_prefix: 5}\n")
     result = keys_cmd(redis_url, bad, "list", "--user", "alice")
     assert result.returncode == 2 and "redis.key_prefix" in result.stderr
+
+
+def test_list_escapes_control_characters_in_a_stored_name(redis_url: str, config_path: Path) -> None:
+    made = keys_cmd(redis_url, config_path, "create", "--user", "mallory", "--json")
+    key_id = json.loads(made.stdout)["id"]
+    # A record written before names were checked, or by hand: the listing must not replay it raw.
+    client = redis.Redis.from_url(redis_url)
+    digest = client.get(f"cli:keyid:{key_id}").decode()
+    client.hset(f"cli:key:{digest}", "name", json.dumps("\x1b]0;pwned\x07\x1b[2J\nfake row"))
+    listed = keys_cmd(redis_url, config_path, "list", "--user", "mallory")
+    assert listed.returncode == 0, listed.stderr
+    assert "\x1b" not in listed.stdout and "\x07" not in listed.stdout
+    assert len(listed.stdout.splitlines()) == 2  # header and one row: the newline did not split it
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\nfake row" in listed.stdout
+
+
+@pytest.mark.parametrize("name", ["\x1b[31mred", "two\nlines", "bidi\u202eevil"])
+def test_create_refuses_a_name_with_control_characters(redis_url: str, config_path: Path, name: str) -> None:
+    made = keys_cmd(redis_url, config_path, "create", "--user", "bob", "--name", name)
+    assert made.returncode == 2 and "name" in made.stderr
+    assert redis.Redis.from_url(redis_url).keys("cli:key:*") == []
