@@ -237,10 +237,13 @@ class Limiter:
         return await self.settle(admission, NO_USAGE, record)
 
 
+COUNT_MAX = 2**53 - 1  # the scripts refuse more (exact in Lua's doubles); see settle.lua
+
+
 def _check_counts(**values: int) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= COUNT_MAX:
+            raise ValueError(f"{name} must be an integer from 0 to {COUNT_MAX}, got {value!r}")
 
 
 def _window_headers(headers: dict[str, str], kind: str, limit: int, used: int, reset_ms: int) -> None:

@@ -15,6 +15,10 @@ from typing import Any
 import orjson
 
 _STRUCT = re.compile(rb'["{}\[\],:]')
+# The most tokens one usage field may report. Larger values (2**64-1 has been seen) are an
+# upstream bug: clamped here, before anything is priced or written to Redis, whose integer
+# counters they would overflow half way through a settlement.
+USAGE_MAX = 10**12
 COMPLETED = "image_generation.completed"
 
 
@@ -34,7 +38,11 @@ class Usage:
         return self.input_text_tokens + self.input_image_tokens
 
     def add_openai(self, usage: Any) -> None:
-        """Add an OpenAI images ``usage`` object (input_tokens, input_tokens_details, output_tokens...)."""
+        """Add an OpenAI images ``usage`` object (input_tokens, input_tokens_details, output_tokens...).
+
+        Each value is clamped to 0..USAGE_MAX; the total is the reported one if that is in range
+        and at least the sum of the parts, else the sum of the parts.
+        """
         if not isinstance(usage, dict):
             return
         inp = _int(usage.get("input_tokens"))
@@ -45,15 +53,20 @@ class Usage:
         if text is None:
             text = max(inp - image, 0)
         out = _int(usage.get("output_tokens"))
+        parts = text + image + out
+        total = usage.get("total_tokens")
+        in_range = isinstance(total, int) and not isinstance(total, bool) and parts <= total <= USAGE_MAX
         self.input_text_tokens += text
         self.input_image_tokens += image
         self.output_tokens += out
-        self.total_tokens += _int(usage.get("total_tokens")) or (text + image + out)
+        self.total_tokens += total if in_range else parts
         self.reported = True
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return min(value, USAGE_MAX)
+    return 0
 
 
 class JsonUsageScanner:

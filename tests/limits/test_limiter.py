@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ResponseError
 
 from gateway.config import Limits
 from gateway.errors import QuotaExceeded, RateLimited
@@ -534,3 +536,67 @@ async def test_cancel_of_an_admission_that_never_ran_or_was_settled_changes_noth
     assert not await limiter.cancel(user="alice", request_id="done", n=1, now_ms=T0)
     day = await usage(backend.client, KEYS.day_usage("alice", "2026-11-24"))
     assert day["total_tokens"] == 100 and day["requests"] == 1
+
+
+# --- settle.lua: all or nothing ---------------------------------------------------------------------
+
+
+async def snapshot(client: Redis) -> dict[bytes, tuple[bytes, bool]]:
+    """Every key's serialized value and whether it has a TTL."""
+    return {k: (await client.dump(k), await client.pttl(k) > 0) async for k in client.scan_iter(match="*")}
+
+
+def settle_call(a: Admission, amounts: list[Any], record: list[str]) -> dict[str, Any]:
+    user, rid = a.user, a.request_id
+    keys = [KEYS.inflight(user), KEYS.reservations(user), KEYS.day_usage(user, a.day),
+            KEYS.month_usage(user, a.month), KEYS.settled(user, rid), KEYS.ledger(user)]
+    return {"keys": keys, "args": [rid, *amounts, 400 * 86_400, 800 * 86_400, 3 * 86_400, 1000, *record]}
+
+
+@pytest.mark.parametrize(("amounts", "record"), [
+    ([0, 0, 0, 2**64 - 1, 1, 0], ["request_id", "a"]),
+    ([0, 0, 0, 2**63, 1, 0], ["request_id", "a"]),
+    ([0, 0, 0, -1, 1, 0], ["request_id", "a"]),
+    ([0, 0, 0, "1.5", 1, 0], ["request_id", "a"]),
+    ([0, 0, 0, "12abc", 1, 0], ["request_id", "a"]),
+    ([2**52, 2**52, 0, 5, 1, 0], ["request_id", "a"]),
+    ([0, 0, 0, 5, 1, 0], ["request_id", "a", "status"]),  # a field without its value
+])
+async def test_settle_script_with_a_bad_argument_writes_nothing(redis_url: str, amounts: list[Any],
+                                                              record: list[str]) -> None:
+    client = Redis.from_url(redis_url)
+    try:
+        limiter = Limiter(client, KEYS, lease_ms=LEASE)
+        a = await admit(limiter, Limits(tokens_per_day=100_000, max_concurrent_requests=1), "a", T0, tokens=4160)
+        before = await snapshot(client)
+        with pytest.raises(ResponseError, match="settle"):
+            await limiter._settle(**settle_call(a, amounts, record))
+        assert await snapshot(client) == before
+        # Nothing was marked settled: the retry with the upstream's usage clamped settles in full.
+        assert await limiter.settle(a, SettledUsage(total_tokens=5, images=1), {"request_id": "a"}) is True
+        day = await usage(client, KEYS.day_usage("alice", a.day))
+        assert (day["requests"], day["total_tokens"], day["res_tokens"]) == (1, 5, 0)
+        assert await client.xlen(KEYS.ledger("alice")) == 1
+    finally:
+        await client.aclose()
+
+
+async def test_settle_script_refuses_a_sum_that_would_overflow_and_writes_nothing(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    try:
+        limiter = Limiter(client, KEYS, lease_ms=LEASE)
+        a = await admit(limiter, Limits(), "a", T0)
+        await client.hset(KEYS.month_usage("alice", a.month), "total_tokens", 2**53 - 2)
+        before = await snapshot(client)
+        with pytest.raises(ResponseError, match="total_tokens would overflow"):
+            await limiter._settle(**settle_call(a, [0, 0, 0, 5, 1, 0], []))
+        assert await snapshot(client) == before
+    finally:
+        await client.aclose()
+
+
+async def test_amounts_beyond_what_the_script_takes_are_refused_before_redis(limiter: Limiter) -> None:
+    a = await admit(limiter, Limits(), "a", T0)
+    with pytest.raises(ValueError, match="total_tokens"):
+        await limiter.settle(a, SettledUsage(total_tokens=2**64 - 1))
+    assert await limiter.settle(a, SettledUsage(total_tokens=2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.upstream.observe import JsonUsageScanner, SseUsageParser, Usage, usage_from_json
+from gateway.upstream.observe import USAGE_MAX, JsonUsageScanner, SseUsageParser, Usage, usage_from_json
 
 USAGE = {"input_tokens": 12, "input_tokens_details": {"text_tokens": 9, "image_tokens": 3},
          "output_tokens": 4160, "total_tokens": 4172}
@@ -78,3 +78,22 @@ def test_sse_parser_counts_a_final_event_missing_its_blank_line() -> None:
     assert parser.completed == 0
     parser.close()
     assert parser.completed == 1 and parser.usage.output_tokens == 7
+
+
+@pytest.mark.parametrize(("reported", "expected"), [
+    # (text, image, output, total) as the upstream sent them -> as recorded
+    ({"input_tokens": 10, "output_tokens": 20, "total_tokens": 2**64 - 1}, (10, 0, 20, 30)),
+    ({"input_tokens": 10, "output_tokens": 2**64 - 1, "total_tokens": 2**64 - 1}, (10, 0, 10**12, 10**12 + 10)),
+    ({"input_tokens": 2**70, "input_tokens_details": {"text_tokens": 2**70, "image_tokens": 3},
+      "output_tokens": 1}, (10**12, 3, 1, 10**12 + 4)),
+    ({"input_tokens": 10, "output_tokens": 20, "total_tokens": 5}, (10, 0, 20, 30)),  # total below its parts
+    ({"input_tokens": 10, "output_tokens": 20, "total_tokens": 31}, (10, 0, 20, 31)),
+    ({"input_tokens": -5, "output_tokens": 1.5e300, "total_tokens": True}, (0, 0, 0, 0)),
+])
+def test_out_of_range_usage_is_clamped_and_the_total_kept_consistent(
+        reported: dict[str, object], expected: tuple[int, int, int, int]) -> None:
+    usage = Usage()
+    usage.add_openai(reported)
+    got = (usage.input_text_tokens, usage.input_image_tokens, usage.output_tokens, usage.total_tokens)
+    assert got == expected
+    assert all(0 <= v <= 2 * USAGE_MAX for v in got)

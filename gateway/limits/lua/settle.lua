@@ -14,6 +14,41 @@
 -- ARGV[11] ledger MAXLEN (trimmed approximately)
 -- ARGV[12..] ledger record as field, value, ... (none: no record appended)
 -- returns  1 settled now, 0 already settled (nothing changed)
+-- errors   "ERR settle: bad ARGV[i]" (or "... would overflow ...") when an argument is not
+--          an integer in range: raised before the first write, so nothing changed and a retry
+--          with good arguments still settles. Redis does not roll a script back, so every check
+--          runs before any write: all or nothing.
+
+-- Below 2^53 every count is exact in Lua's doubles, and sums stay far from HINCRBY's 2^63.
+local MAX = 9007199254740991
+local function count(i, min)
+  local v = ARGV[i]
+  if not string.match(v, '^%d+$') or #v > 16 or tonumber(v) > MAX or tonumber(v) < min then
+    return redis.error_reply('ERR settle: bad ARGV[' .. i .. ']')
+  end
+end
+for i = 2, 7 do
+  local bad = count(i, 0)
+  if bad then return bad end
+end
+for i = 8, 11 do
+  local bad = count(i, 1)
+  if bad then return bad end
+end
+if (#ARGV - 11) % 2 ~= 0 then return redis.error_reply('ERR settle: odd ledger record fields') end
+if tonumber(ARGV[2]) + tonumber(ARGV[3]) > MAX then
+  return redis.error_reply('ERR settle: bad ARGV[2]')
+end
+local fields = {'input_text_tokens', 'input_image_tokens', 'output_tokens', 'total_tokens', 'images',
+                'usd_micros'}
+for _, k in ipairs({KEYS[3], KEYS[4]}) do
+  local now = redis.call('HMGET', k, unpack(fields))
+  for j = 1, 6 do
+    if (tonumber(now[j]) or 0) + tonumber(ARGV[j + 1]) > MAX then
+      return redis.error_reply('ERR settle: ' .. fields[j] .. ' would overflow ' .. k)
+    end
+  end
+end
 
 if not redis.call('SET', KEYS[5], '1', 'NX', 'EX', ARGV[10]) then return 0 end
 
