@@ -111,12 +111,18 @@ def jsonl_line(record: Mapping[str, Any]) -> bytes:
     return orjson.dumps(record) + b"\n"
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (SPEC §6): "=HYPERLINK(...)".
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _csv_cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     text = str(value)
+    if text.startswith(_FORMULA_START):
+        text = "'" + text
     if any(c in text for c in ',"\r\n'):
         return '"' + text.replace('"', '""') + '"'
     return text

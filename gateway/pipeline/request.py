@@ -6,7 +6,9 @@ are ignored, and an explicit null counts as an absent field. Fields are checked 
 (prompt, model, n, size, quality, then the rest), so the first error reported is deterministic.
 
 A model whose family is unknown (``None``) gets minimal checks: types, and the value sets that do
-not depend on the family; any size and quality, and every family-specific field, are let through.
+not depend on the family; every family-specific field is let through. Size and quality are copied
+into usage records (and CSV exports), so for such a model they must still match ``RECORDED_SHAPES``:
+short, lower-case letters, digits (and ``_`` ``-`` in quality), nothing a spreadsheet would run.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ FREE_SIZE_MAX_RATIO = 3
 # The pattern excludes 0 and leading zeros, so the smallest edge is FREE_SIZE_MULTIPLE (16 pixels);
 # 3840x3840 passes (longest edge 3840, ratio 1:1).
 _FREE_SIZE = re.compile(r"([1-9][0-9]{0,3})x([1-9][0-9]{0,3})", re.ASCII)  # no signs, spaces or "X"
+
+# Fields copied into usage records, for models without a value set (unknown family): their shape.
+RECORDED_SHAPES: Mapping[str, tuple[re.Pattern[str], str]] = {
+    "size": (re.compile(r"[0-9a-z]{1,16}", re.ASCII), "1 to 16 lower-case letters and digits"),
+    "quality": (re.compile(r"[a-z0-9_-]{1,32}", re.ASCII), "1 to 32 lower-case letters, digits, '_' and '-'"),
+}
 
 _GPT_ONLY = (frozenset({"gpt-image"}), "GPT image models")
 _DALLE_ONLY = (frozenset({"dall-e-2", "dall-e-3"}), "dall-e-2 and dall-e-3")
@@ -166,7 +174,12 @@ def _check(rule: _Rule, value: Any, model: str, family: str | None) -> None:
         raise InvalidRequest(f"'{name}' is only supported for {rule.only[1]}.", param=name)
     _require_type(name, value, rule.kind)
     allowed = None if rule.allowed is None else rule.allowed.get(family, rule.allowed.get(None))
-    if allowed is None or value in allowed:
+    if allowed is None:
+        shape = RECORDED_SHAPES.get(name)
+        if shape is not None and not shape[0].fullmatch(value):
+            raise InvalidRequest(f"Invalid '{name}': expected {shape[1]}.", param=name)
+        return
+    if value in allowed:
         return
     if isinstance(allowed, range):
         low, high = allowed.start, allowed.stop - 1

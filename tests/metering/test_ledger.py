@@ -116,6 +116,16 @@ def test_csv_row_quotes_and_nulls() -> None:
     assert next(csv.reader(io.StringIO(row)))[0] == "r,1"
 
 
+@pytest.mark.parametrize("value", ['=HYPERLINK("https://evil.example","x")', "+1+2", "-2+3", "@SUM(A1)",
+                                   "\tcmd", "\r=1"])
+def test_csv_cells_that_a_spreadsheet_would_run_get_a_quote_prefix(value: str) -> None:
+    record = decode_record(build_record(exchange("r1"), USAGE, 1))
+    record["size"], record["quality"], record["user"] = value, value, value
+    row = next(csv.reader(io.StringIO(csv_record(record).decode(), newline="")))
+    assert row[FIELDS.index("size")] == row[FIELDS.index("quality")] == row[FIELDS.index("user")] == "'" + value
+    assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row)
+
+
 # --- reading ---------------------------------------------------------------------------------
 
 

