@@ -38,6 +38,12 @@ LIMIT_MAX = 10**12
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
+def default_spool_path(env: Mapping[str, str]) -> str:
+    """``$XDG_STATE_HOME/gateway/usage.spool``, else ``$HOME/.local/state/gateway/usage.spool``."""
+    state = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "gateway", "usage.spool")
+
+
 def valid_name(value: Any) -> bool:
     """A user or team name: the whole string matches ``NAME_RE``."""
     return isinstance(value, str) and NAME_RE.fullmatch(value) is not None
@@ -156,7 +162,7 @@ class AuthSettings:
 @dataclass(frozen=True)
 class UsageSettings:
     stream_maxlen: int = 10_000_000  # ledger stream trimmed (approximately) to this many records
-    spool_path: str = "/tmp/gateway-usage.spool"
+    spool_path: str = ""  # "": default_spool_path(), a private directory of the user's
     settle_queue_size: int = 100_000
 
 
@@ -372,13 +378,16 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
     if default_model is not None and default_model not in models:
         raise ConfigError("default_model", f"{default_model!r} is not enabled under 'models'")
     plans = _plans(raw.get("plans"), models)
+    usage = _section(UsageSettings, raw.get("usage"), "usage")
+    if not usage.spool_path:
+        usage = replace(usage, spool_path=default_spool_path(env))
     max_body = _number(raw.get("max_body_bytes", 1024 * 1024), "max_body_bytes", integer=True, minimum=1024)
     return Settings(
         upstream=upstream,
         redis=redis,
         metrics=_section(MetricsSettings, raw.get("metrics"), "metrics"),
         auth=_section(AuthSettings, raw.get("auth"), "auth"),
-        usage=_section(UsageSettings, raw.get("usage"), "usage"),
+        usage=usage,
         default_model=default_model,
         models=models,
         plans=plans,

@@ -4,61 +4,32 @@
 settlement joins the queue (``gateway_usage_pending_settlements``) and a background task
 retries it with exponential backoff (``BACKOFF_START`` doubling up to ``BACKOFF_CAP``), in
 order. The request never waits on a retry. At shutdown (``close``) whatever is still
-queued is appended to the spool file (``usage.spool_path``, JSON lines, fsync'd); a full
-queue spills there too. At start (``start``) a worker claims the spool by renaming it and
-replays it; the claimed file is deleted once everything from it has been settled or
-spooled again. Replays are harmless: ``settle.lua`` is idempotent on the request id.
-
-Several workers share one spool path safely: appends take an exclusive ``flock`` and
-re-open the file if a claimer renamed it meanwhile (same path, different inode), and a
-claim renames under the same lock, so no line is written into a file already read.
+queued is appended to the spool (``spool.py``); a full queue spills there too. At start
+(``start``) a worker claims the spool and replays it; the claimed file is deleted once
+everything from it has been settled or spooled again. Replays are harmless: ``settle.lua``
+is idempotent on the request id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import glob
 import logging
-import os
-import uuid
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from typing import Any
 
-import orjson
-
-from gateway.limits.limiter import Admission, Limiter, SettledUsage, utc_periods
+from gateway.limits.limiter import Admission, Limiter, utc_periods
 from gateway.metering.metrics import Metrics
+from gateway.metering.spool import Settlement, Spool, describe, remove_claimed
 from gateway.redisdb.client import REDIS_ERRORS
 from gateway.redisdb.keys import RedisKeys
+
+__all__ = ["SettleQueue", "Settlement", "Spool", "unmetered_admission"]  # Settlement, Spool: re-exported
 
 log = logging.getLogger("gateway.settle")
 
 BACKOFF_START = 0.05
 BACKOFF_CAP = 5.0
-_CLAIMED = ".replaying"
-
-
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    """One finished request's settle call: the admission, the usage and the ledger record."""
-
-    admission: Admission
-    usage: SettledUsage
-    record: dict[str, str]
-
-    def to_json(self) -> bytes:
-        adm = {k: v for k, v in asdict(self.admission).items() if k != "headers"}
-        return orjson.dumps({"admission": adm, "usage": asdict(self.usage), "record": self.record})
-
-    @classmethod
-    def from_json(cls, line: bytes) -> Settlement:
-        data = orjson.loads(line)
-        return cls(Admission(**data["admission"], headers={}), SettledUsage(**data["usage"]),
-                   {str(k): str(v) for k, v in data["record"].items()})
 
 
 def unmetered_admission(request_id: str, user: str, started_ms: int) -> Admission:
@@ -70,95 +41,6 @@ def unmetered_admission(request_id: str, user: str, started_ms: int) -> Admissio
     return Admission(request_id=request_id, user=user, now_ms=started_ms, lease_deadline_ms=started_ms,
                      day=periods.day, month=periods.month, reserved_tokens=0, reserved_images=0,
                      reserved_usd_micros=0, headers={})
-
-
-class Spool:
-    """An append-only JSON-lines file of settlements, shared by the workers of one host."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._mine: set[str] = set()  # files this process claimed (a restarted container may reuse a pid)
-
-    def append(self, settlements: Iterable[Settlement]) -> int:
-        """Append and fsync; returns how many were written."""
-        lines = b"".join(s.to_json() + b"\n" for s in settlements)
-        if not lines:
-            return 0
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-                except FileNotFoundError:
-                    same = False
-                if not same:  # claimed (renamed) while we waited for the lock: use the new file
-                    continue
-                os.write(fd, lines)
-                os.fsync(fd)
-                return lines.count(b"\n")
-            finally:
-                os.close(fd)
-
-    def claim(self) -> list[tuple[str, list[Settlement]]]:
-        """Take the spool and any claimed file a dead process left: (claimed path, settlements) each."""
-        claimed = []
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            fd = -1
-        if fd >= 0:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                target = f"{self.path}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_CLAIMED}"
-                try:
-                    if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
-                        os.rename(self.path, target)
-                        claimed.append(target)
-                        self._mine.add(target)
-                except FileNotFoundError:
-                    pass  # another worker claimed it first
-            finally:
-                os.close(fd)
-        for orphan in glob.glob(glob.escape(self.path) + ".*" + _CLAIMED):
-            if orphan not in self._mine and not _pid_alive(orphan[len(self.path) + 1:].split(".")[0]):
-                target = f"{self.path}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_CLAIMED}"
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(orphan, target)
-                    claimed.append(target)
-                    self._mine.add(target)
-        return [(path, _read_settlements(path)) for path in claimed]
-
-
-def _pid_alive(text: str) -> bool:
-    try:
-        pid = int(text)
-    except ValueError:
-        return True  # not ours to take
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _read_settlements(path: str) -> list[Settlement]:
-    out = []
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(Settlement.from_json(line))
-            except (ValueError, TypeError, KeyError):
-                # A torn last line (crash mid-write) is the only way to get here; say so, keep the rest.
-                log.error("usage spool %s line %d is not a settlement; skipped", path, n)
-    return out
 
 
 class SettleQueue:
@@ -182,7 +64,12 @@ class SettleQueue:
         """Replay what a previous run spooled (in the background: the worker starts serving at once)."""
         if self.spool is None:
             return
-        for path, settlements in await asyncio.to_thread(self.spool.claim):
+        try:
+            claimed = await asyncio.to_thread(self.spool.claim)
+        except OSError as exc:  # e.g. the spool's directory cannot be read: report it, serve anyway
+            log.error("usage spool %s not replayed: %s", self.spool.path, describe(exc))
+            return
+        for path, settlements in claimed:
             self._claimed.append(path)
             log.info("replaying %d spooled settlements from %s", len(settlements), path)
             for s in settlements:
@@ -251,9 +138,7 @@ class SettleQueue:
 
     def _forget_claimed(self) -> None:
         """Everything replayed from the claimed files is settled: they are no longer needed."""
-        for path in self._claimed:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        remove_claimed(self._claimed)
         self._claimed.clear()
 
     async def close(self) -> None:

@@ -1,0 +1,110 @@
+"""The usage spool: a private default place, and nothing planted there is followed, hangs or gets replayed.
+
+Real files, FIFOs and symlinks; a real redis-server and real gateway processes where a user sees the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.config import parse_settings
+from gateway.metering.settle_queue import Spool
+from tests.metering.test_ledger import ledger_ids, make_queue, settlement
+from tests.support import procs
+from tests.support.procs import RedisServer
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which it may stop and start."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+def test_default_spool_is_in_a_private_state_directory(tmp_path: Path) -> None:
+    home = parse_settings({}, env={"HOME": str(tmp_path)}).usage.spool_path
+    assert home == str(tmp_path / ".local" / "state" / "gateway" / "usage.spool")
+    xdg = parse_settings({}, env={"HOME": "/nonexistent", "XDG_STATE_HOME": str(tmp_path / "st")}).usage.spool_path
+    assert xdg == str(tmp_path / "st" / "gateway" / "usage.spool")
+    assert parse_settings({"usage": {"spool_path": "/var/lib/gateway/u.spool"}}, env={}).usage.spool_path == \
+        "/var/lib/gateway/u.spool"
+    Spool(home).append([settlement("p1")])
+    assert stat.S_IMODE(os.stat(Path(home).parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(home).st_mode) == 0o600
+
+
+def test_a_world_writable_directory_without_sticky_bit_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(OSError, match="world-writable"):
+        Spool(str(shared / "usage.spool")).append([settlement("w1")])
+    assert list(shared.iterdir()) == []
+
+
+async def test_a_symlink_planted_at_the_spool_is_neither_followed_nor_replayed(
+        own_redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    elsewhere = tmp_path / "elsewhere.spool"
+    Spool(str(elsewhere)).append([settlement("planted")])
+    before = elsewhere.read_bytes()
+    path = tmp_path / "spool" / "usage.spool"
+    path.parent.mkdir(mode=0o700)
+    path.symlink_to(elsewhere)
+    queue, _, client = make_queue(own_redis, path)
+    try:
+        with caplog.at_level(logging.ERROR, "gateway.settle"):
+            await queue.start()
+        assert not queue.pending and ledger_ids(own_redis) == []
+        assert "symbolic link" in caplog.text and str(path) in caplog.text
+        with pytest.raises(OSError):
+            Spool(str(path)).append([settlement("x")])  # nor written through
+        assert elsewhere.read_bytes() == before and path.is_symlink()
+    finally:
+        await queue.close()
+        await client.aclose()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant a file owned by another user")
+async def test_another_users_file_is_reported_and_skipped_not_replayed(
+        own_redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "usage.spool"
+    Spool(str(path)).append([settlement("foreign")])
+    os.chown(path, NOBODY, NOBODY)
+    queue, _, client = make_queue(own_redis, path)
+    try:
+        with caplog.at_level(logging.ERROR, "gateway.settle"):
+            await queue.start()
+        assert not queue.pending and ledger_ids(own_redis) == []
+        assert f"owned by uid {NOBODY}" in caplog.text
+        assert path.exists() and path.stat().st_uid == NOBODY  # left for an operator to look at
+    finally:
+        await queue.close()
+        await client.aclose()
+
+
+@pytest.mark.parametrize("plant", ["fifo", "not_a_directory"])
+def test_a_gateway_starts_whatever_is_planted_at_its_spool_path(redis_url: str, tmp_path: Path, plant: str) -> None:
+    spool = tmp_path / "spool" / "usage.spool"
+    spool.parent.mkdir(mode=0o700)
+    if plant == "fifo":
+        os.mkfifo(spool)
+        expected = "is not a regular file"
+    else:
+        spool = tmp_path / "a-file" / "usage.spool"
+        spool.parent.write_text("")
+        expected = "Not a directory"
+    env = {"REDIS_URL": redis_url, "TTAPI_API_KEY": "tt-x", "UPSTREAM_BASE_URL": "http://127.0.0.1:9"}
+    with procs.running(procs.start_gateway({"usage": {"spool_path": str(spool)}}, env, tmp=tmp_path)) as gw:
+        assert httpx.get(gw.url + "/readyz").status_code == 200
+        procs.wait_until(lambda: expected in gw.log(), "the spool problem reported")
+        assert "Traceback" not in gw.log()
