@@ -28,6 +28,7 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 REDIS_OPS = ("admit", "cancel", "settle", "ping", "auth")
+LOST_SETTLEMENT_REASONS = ("no_spool", "spool_error")
 UPSTREAM_ERROR_REASONS = ("upstream_timeout", "upstream_unavailable", "upstream_auth_failed", "status_4xx",
                           "status_5xx")
 
@@ -74,11 +75,17 @@ class Metrics:
                                    "Settlements waiting for Redis (retried with backoff).", registry=r,
                                    multiprocess_mode="livesum")
 
+        self.settlements_lost = Counter("gateway_usage_lost_settlements_total",
+                                        "Settlements neither settled in Redis nor spooled (logged with their "
+                                        "request ids), by reason.", ("reason",), registry=r)
+
         # Zero series up front, so dashboards and alerts see these names before the first failure.
         for op in REDIS_OPS:
             self.redis_errors.labels(op)
         for reason in UPSTREAM_ERROR_REASONS:
             self.upstream_errors.labels(reason)
+        for reason in LOST_SETTLEMENT_REASONS:
+            self.settlements_lost.labels(reason)
 
     def who(self, user: str, team: str | None) -> tuple[str, ...]:
         return (user, team or "") if self.user_label else (team or "",)

@@ -7,7 +7,11 @@ order. The request never waits on a retry. At shutdown (``close``) whatever is s
 queued is appended to the spool (``spool.py``); a full queue spills there too. At start
 (``start``) a worker claims the spool and replays it; the claimed file is deleted once
 everything from it has been settled or spooled again. Replays are harmless: ``settle.lua``
-is idempotent on the request id.
+is idempotent on the request id. Disk I/O (fsync) runs in a thread, never on the event loop.
+
+A settlement that can be neither settled nor spooled (no spool configured, a disk error, or
+an error that retrying would not cure) is logged with its request id and counted in
+``gateway_usage_lost_settlements_total{reason}``: never lost silently.
 """
 
 from __future__ import annotations
@@ -73,24 +77,25 @@ class SettleQueue:
             self._claimed.append(path)
             log.info("replaying %d spooled settlements from %s", len(settlements), path)
             for s in settlements:
-                self._enqueue(s)
+                await self._enqueue(s)
         if not self.pending:
-            self._forget_claimed()
+            await self._forget_claimed()
         self._wake()
 
     async def settle(self, settlement: Settlement) -> None:
         """Settle now if Redis answers, else queue it; never raises, never waits on a retry."""
-        if self._closed and self.spool is not None:
+        if self._closed:
             # A stream drained after shutdown began: straight to the spool, replayed at the next start.
             if not await self._try(settlement):
-                self.spool.append([settlement])
+                await self._spool([settlement], "after shutdown")
             return
         if not self.pending and await self._try(settlement):
             return
-        self._enqueue(settlement)
+        await self._enqueue(settlement)
         self._wake()
 
     async def _try(self, settlement: Settlement) -> bool:
+        """One attempt; False if Redis failed (worth a retry). Any other failure spools it, or counts it lost."""
         try:
             user = settlement.admission.user
             if self.redis is not None and user not in self._users:
@@ -103,21 +108,35 @@ class SettleQueue:
                         type(exc).__name__)
             return False
         except Exception as exc:  # not Redis: retrying would not help; keep it on disk for an operator
-            log.error("settle of %s failed (%s); kept in the spool", settlement.admission.request_id,
-                      type(exc).__name__)
-            if self.spool is not None:
-                self.spool.append([settlement])
+            await self._spool([settlement], f"settle of {settlement.admission.request_id} failed "
+                                            f"({type(exc).__name__})")
         return True
 
-    def _enqueue(self, settlement: Settlement) -> None:
-        if len(self.pending) >= self.max_size and self.spool is not None:
-            # Full: the disk keeps it until the next start rather than dropping billed usage.
-            self.spool.append([settlement])
-            log.error("settle queue full (%d); %s spooled to %s", self.max_size,
-                      settlement.admission.request_id, self.spool.path)
+    async def _enqueue(self, settlement: Settlement) -> None:
+        if len(self.pending) >= self.max_size:
+            # Full: the disk keeps it until the next start rather than growing memory without bound.
+            await self._spool([settlement], f"settle queue full ({self.max_size})")
             return
         self.pending.append(settlement)
         self.metrics.usage_pending.set(len(self.pending))
+
+    async def _spool(self, settlements: list[Settlement], why: str) -> None:
+        """Append to the spool in a thread; what cannot be written there is logged and counted as lost."""
+        if self.spool is None:
+            self._lost(settlements, "no_spool", f"{why}; no usage.spool_path")
+            return
+        try:
+            written = self.spool.append(settlements)
+        except OSError as exc:
+            self._lost(settlements, "spool_error", f"{why}; usage spool unusable: {describe(exc)}")
+            return
+        log.warning("%s: %d settlements spooled to %s", why, written, self.spool.path)
+
+    def _lost(self, settlements: list[Settlement], reason: str, detail: str) -> None:
+        self.metrics.settlements_lost.labels(reason).inc(len(settlements))
+        ids = [s.admission.request_id for s in settlements]
+        log.error("%d settlements LOST (%s): %s%s", len(ids), detail, ", ".join(ids[:20]),
+                  " ..." if len(ids) > 20 else "")
 
     def _wake(self) -> None:
         if self.pending and not self._closed and (self._task is None or self._task.done()):
@@ -134,12 +153,13 @@ class SettleQueue:
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_CAP)
         if not self.pending:
-            self._forget_claimed()
+            await self._forget_claimed()
 
-    def _forget_claimed(self) -> None:
+    async def _forget_claimed(self) -> None:
         """Everything replayed from the claimed files is settled: they are no longer needed."""
-        remove_claimed(self._claimed)
-        self._claimed.clear()
+        if self._claimed:
+            remove_claimed(self._claimed)
+            self._claimed.clear()
 
     async def close(self) -> None:
         """Stop retrying; one last attempt, then spool whatever Redis did not take."""
@@ -153,11 +173,7 @@ class SettleQueue:
             while self.pending and await self._try(self.pending[0]):
                 self.pending.popleft()
         if self.pending:
-            if self.spool is None:
-                log.error("%d settlements lost at shutdown: no usage.spool_path", len(self.pending))
-            else:
-                written = await asyncio.to_thread(self.spool.append, list(self.pending))
-                log.warning("spooled %d unsettled settlements to %s", written, self.spool.path)
+            await self._spool(list(self.pending), "shutdown")
             self.pending.clear()
         self.metrics.usage_pending.set(0)
-        self._forget_claimed()
+        await self._forget_claimed()

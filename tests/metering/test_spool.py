@@ -13,10 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from gateway.config import parse_settings
-from gateway.metering.settle_queue import Spool
-from tests.metering.test_ledger import ledger_ids, make_queue, settlement
+from gateway.limits.limiter import Limiter, SettledUsage
+from gateway.metering.metrics import Metrics
+from gateway.metering.settle_queue import SettleQueue, Spool
+from tests.metering.test_ledger import KEYS, ledger_ids, make_queue, settlement
 from tests.support import procs
 from tests.support.procs import RedisServer
 
@@ -92,6 +95,25 @@ async def test_another_users_file_is_reported_and_skipped_not_replayed(
         await client.aclose()
 
 
+async def test_an_unusable_spool_is_reported_and_counted_never_raised(
+        own_redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    queue, metrics, client = make_queue(own_redis, not_a_dir / "usage.spool")
+    try:
+        own_redis.stop()
+        with caplog.at_level(logging.ERROR, "gateway.settle"):
+            await queue.start()
+            await queue.settle(settlement("u1"))
+            await queue.close()
+        assert "u1" in caplog.text and "LOST" in caplog.text and str(not_a_dir) in caplog.text
+        assert metrics.registry.get_sample_value("gateway_usage_lost_settlements_total",
+                                                 {"reason": "spool_error"}) == 1
+    finally:
+        own_redis.start()
+        await client.aclose()
+
+
 @pytest.mark.parametrize("plant", ["fifo", "not_a_directory"])
 def test_a_gateway_starts_whatever_is_planted_at_its_spool_path(redis_url: str, tmp_path: Path, plant: str) -> None:
     spool = tmp_path / "spool" / "usage.spool"
@@ -108,3 +130,24 @@ def test_a_gateway_starts_whatever_is_planted_at_its_spool_path(redis_url: str, 
         assert httpx.get(gw.url + "/readyz").status_code == 200
         procs.wait_until(lambda: expected in gw.log(), "the spool problem reported")
         assert "Traceback" not in gw.log()
+
+
+# --- REVIEW defects 1 and 3 -------------------------------------------------------------------------
+
+
+async def test_a_settlement_that_cannot_be_settled_or_spooled_is_logged_and_counted_lost(
+        redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    client = Redis.from_url(redis_url)
+    metrics = Metrics()
+    queue = SettleQueue(Limiter(client, KEYS, lease_ms=60_000), metrics, redis=client)  # no spool
+    try:
+        bad = settlement("too-big", usage=SettledUsage(total_tokens=2**60))  # refused before Redis: no retry helps
+        with caplog.at_level(logging.ERROR, "gateway.settle"):
+            await queue.settle(bad)
+        assert not queue.pending
+        assert metrics.registry.get_sample_value("gateway_usage_lost_settlements_total", {"reason": "no_spool"}) == 1
+        assert "too-big" in caplog.text and "LOST" in caplog.text
+        assert "kept in the spool" not in caplog.text
+    finally:
+        await queue.close()
+        await client.aclose()
