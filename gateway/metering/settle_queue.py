@@ -126,7 +126,7 @@ class SettleQueue:
             self._lost(settlements, "no_spool", f"{why}; no usage.spool_path")
             return
         try:
-            written = self.spool.append(settlements)
+            written = await asyncio.to_thread(self.spool.append, settlements)
         except OSError as exc:
             self._lost(settlements, "spool_error", f"{why}; usage spool unusable: {describe(exc)}")
             return
@@ -158,7 +158,7 @@ class SettleQueue:
     async def _forget_claimed(self) -> None:
         """Everything replayed from the claimed files is settled: they are no longer needed."""
         if self._claimed:
-            remove_claimed(self._claimed)
+            await asyncio.to_thread(remove_claimed, list(self._claimed))
             self._claimed.clear()
 
     async def close(self) -> None:

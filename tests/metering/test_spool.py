@@ -8,8 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +21,7 @@ from gateway.config import parse_settings
 from gateway.limits.limiter import Limiter, SettledUsage
 from gateway.metering.metrics import Metrics
 from gateway.metering.settle_queue import SettleQueue, Spool
+from gateway.metering.spool import Settlement
 from tests.metering.test_ledger import KEYS, ledger_ids, make_queue, settlement
 from tests.support import procs
 from tests.support.procs import RedisServer
@@ -151,3 +154,35 @@ async def test_a_settlement_that_cannot_be_settled_or_spooled_is_logged_and_coun
     finally:
         await queue.close()
         await client.aclose()
+
+
+class ThreadRecordingSpool(Spool):
+    """A real Spool that notes which thread each append ran on."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.threads: list[int] = []
+
+    def append(self, settlements: Any) -> int:
+        self.threads.append(threading.get_ident())
+        return super().append(settlements)
+
+
+async def test_spool_appends_never_run_on_the_event_loop(own_redis: RedisServer, tmp_path: Path) -> None:
+    queue, _, client = make_queue(own_redis)
+    spool = ThreadRecordingSpool(str(tmp_path / "usage.spool"))
+    queue.spool, queue.max_size = spool, 1
+    loop_thread = threading.get_ident()
+    try:
+        own_redis.stop()
+        await queue.settle(settlement("q1"))  # queued
+        await queue.settle(settlement("q2"))  # queue full: spooled on the request path
+        await queue.settle(settlement("bad", usage=SettledUsage(total_tokens=2**60)))  # not Redis: spooled
+        await queue.close()  # q1 spooled at shutdown
+        await queue.settle(settlement("late"))  # after shutdown: spooled
+    finally:
+        own_redis.start()
+        await client.aclose()
+    lines = (tmp_path / "usage.spool").read_bytes().splitlines()
+    assert {Settlement.from_json(line).admission.request_id for line in lines} == {"q1", "q2", "bad", "late"}
+    assert len(spool.threads) == 4 and loop_thread not in spool.threads
