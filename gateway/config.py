@@ -14,7 +14,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -44,7 +44,7 @@ def default_spool_path(env: Mapping[str, str]) -> str:
     return os.path.join(state, "gateway", "usage.spool")
 
 
-def valid_name(value: Any) -> bool:
+def valid_name(value: Any) -> TypeGuard[str]:
     """A user or team name: the whole string matches ``NAME_RE``."""
     return isinstance(value, str) and NAME_RE.fullmatch(value) is not None
 

@@ -91,7 +91,7 @@ def _list(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"data": [key_object(r) for r in records]}, indent=2))
             return 0
-        rows = [("ID", "USER", "TEAM", "PLAN", "NAME", "CREATED", "EXPIRES", "MODELS", "LIMITS")]
+        rows: list[tuple[str, ...]] = [("ID", "USER", "TEAM", "PLAN", "NAME", "CREATED", "EXPIRES", "MODELS", "LIMITS")]
         for r in records:
             # Records written before names were checked (or by hand) may hold anything: escape every cell.
             rows.append(tuple(printable(str(cell)) for cell in (

@@ -55,11 +55,12 @@ class Usage:
         out = _int(usage.get("output_tokens"))
         parts = text + image + out
         total = usage.get("total_tokens")
-        in_range = isinstance(total, int) and not isinstance(total, bool) and parts <= total <= USAGE_MAX
+        if not (isinstance(total, int) and not isinstance(total, bool) and parts <= total <= USAGE_MAX):
+            total = parts
         self.input_text_tokens += text
         self.input_image_tokens += image
         self.output_tokens += out
-        self.total_tokens += total if in_range else parts
+        self.total_tokens += total
         self.reported = True
 
 
