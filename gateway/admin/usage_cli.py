@@ -2,18 +2,18 @@
 
 Same reading code as ``GET /admin/usage`` and ``GET /admin/usage/records`` (``gateway.metering.ledger``),
 with the Redis URL and key prefix of ``--config`` (default ``$GATEWAY_CONFIG``; ``REDIS_URL``
-overrides). Exit status: 0 done, 1 Redis unavailable, 2 bad arguments or config.
+overrides). Exit status: 0 done, 1 Redis unavailable or the output not writable (each says
+which), 2 bad arguments or config.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import time
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from gateway.admin.queries import parse_format, parse_range, parse_user
 from gateway.cli.common import settings_or_report
@@ -24,6 +24,54 @@ from gateway.redisdb.client import REDIS_ERRORS, open_redis
 from gateway.redisdb.keys import RedisKeys
 
 PROGRESS_EVERY_S = 1.0
+
+
+class Sink(Protocol):
+    def write(self, data: bytes, /) -> Any: ...
+
+    def flush(self) -> None: ...
+
+
+class OutputError(Exception):
+    """The output could not be written (kept apart from REDIS_ERRORS, which include OSError)."""
+
+
+class Output:
+    """The command's output; its OSErrors become OutputError, so they are never reported as Redis ones."""
+
+    def __init__(self, raw: IO[bytes], name: str) -> None:
+        self.raw = raw
+        self.name = name
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.raw.write(data)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.name}: {exc.strerror or exc}") from exc
+
+    def flush(self) -> None:
+        try:
+            self.raw.flush()
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.name}: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        """Close a file we opened (its last buffered write may fail here too)."""
+        if self.raw is not sys.stdout.buffer:
+            try:
+                self.raw.close()
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.name}: {exc.strerror or exc}") from exc
+
+
+def open_output(path: str | None) -> Output:
+    """``path`` opened for writing (stdout if None); OutputError if it cannot be."""
+    if path is None:
+        return Output(sys.stdout.buffer, "stdout")
+    try:
+        return Output(open(path, "wb"), path)  # closed by Output.close
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 class Progress:
@@ -54,7 +102,7 @@ class Progress:
         self.stream.flush()
 
 
-async def _totals(settings: Settings, args: argparse.Namespace, out: IO[bytes]) -> int:
+async def _totals(settings: Settings, args: argparse.Namespace, out: Sink) -> int:
     user = parse_user(args.user, required=True)
     assert user is not None
     client = open_redis(settings.redis)
@@ -70,7 +118,7 @@ async def _totals(settings: Settings, args: argparse.Namespace, out: IO[bytes]) 
     return 0
 
 
-async def _export(settings: Settings, args: argparse.Namespace, out: IO[bytes]) -> int:
+async def _export(settings: Settings, args: argparse.Namespace, out: Sink) -> int:
     start_ms, end_ms = parse_range(args.start, args.end)
     user = parse_user(args.user, required=False)
     fmt = parse_format(args.format)
@@ -97,17 +145,21 @@ def _run(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     try:
-        with contextlib.ExitStack() as stack:
-            output = getattr(args, "output", None)
-            out = stack.enter_context(open(output, "wb")) if output else sys.stdout.buffer
+        out = open_output(getattr(args, "output", None))
+        try:
             code = asyncio.run(args.action(settings, args, out))
             out.flush()
-            return int(code)
+        finally:
+            out.close()
+        return int(code)
     except InvalidRequest as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except REDIS_ERRORS as exc:
-        print(f"error: Redis unavailable or output not writable ({type(exc).__name__})", file=sys.stderr)
+        print(f"error: Redis unavailable ({type(exc).__name__})", file=sys.stderr)
         return 1
 
 

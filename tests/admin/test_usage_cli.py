@@ -91,3 +91,17 @@ async def test_export_csv_holds_no_formula_cell(redis_url: str, tmp_path: Path) 
     header, row = list(csv.reader(io.StringIO(out.stdout, newline="")))
     assert row[header.index("size")] == "'" + formula and row[header.index("quality")] == "'-1+2"
     assert not [cell for cell in row if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+
+
+async def test_an_unwritable_output_is_reported_as_a_file_error_not_redis(redis_url: str, tmp_path: Path) -> None:
+    await seed(redis_url, {"alice": 3})
+    cfg = write_config(tmp_path)
+    window = ["--from", iso_ms(T0 - 1000), "--to", iso_ms(T0 + 3_600_000)]
+    cases = [(str(tmp_path / "missing-dir" / "out.csv"), "No such file or directory"),
+             (str(tmp_path), "Is a directory"),
+             ("/dev/full", "No space left on device")]  # opens fine, fails on write
+    for target, reason in cases:
+        out = gateway("export", *window, "--output", target, redis_url=redis_url, config=cfg)
+        assert out.returncode == 1
+        assert f"error: cannot write {target}: {reason}" in out.stderr
+        assert "Redis" not in out.stderr and "Traceback" not in out.stderr
