@@ -32,7 +32,7 @@ DEFAULT_MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1", "dall-e-2", "da
 FAMILIES = ("gpt-image", "dall-e-2", "dall-e-3")
 # Users and teams end up in Redis keys (inside a Cluster hash tag), metric labels and records
 # split on newlines: matched whole (``valid_name``), never with ``match`` ("carol\n" would pass).
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+NAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,128}")  # SPEC §4; "{", "}" and ":" stay out of the hash tag
 # Limits are summed in Redis integers (usd as micro-dollars): past this they would overflow.
 LIMIT_MAX = 10**12
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

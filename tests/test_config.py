@@ -97,3 +97,14 @@ def test_limits_just_below_the_maximum_are_accepted() -> None:
     s = parse_settings({"plans": {"default": {"tokens_per_day": 10**12 - 1, "usd_per_month": 999_999_999_999.0}}},
                        env={})
     assert s.plan("default").limits.tokens_per_day == 10**12 - 1
+
+
+@pytest.mark.parametrize(("name", "ok"), [("_svc", True), (".ci@corp", True), ("-x", True), ("a" * 128, True),
+                                          ("a" * 129, False), ("carol\n", False), ("u:x", False), ("{u}", False)])
+def test_user_names_follow_the_spec_rule_as_a_whole_string(name: str, ok: bool) -> None:
+    raw = {"keys": [{"user": name, "team": name, "sha256": "a" * 64}]}
+    if ok:
+        assert parse_settings(raw, env={}).keys[0].user == name
+    else:
+        with pytest.raises(ConfigError, match="user"):
+            parse_settings(raw, env={})

@@ -106,8 +106,7 @@ def _name(value: Any, param: str, *, required: bool) -> str | None:
             raise MissingParameter(f"Missing required parameter: '{param}'.", param=param)
         return None
     if not valid_name(value):
-        raise InvalidRequest(f"Invalid '{param}': letters, digits and . _ @ - (at most 128, not starting "
-                             "with a symbol).", param=param)
+        raise InvalidRequest(f"Invalid '{param}': 1 to 128 of letters, digits and . _ @ -.", param=param)
     return value
 
 
