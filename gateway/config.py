@@ -7,16 +7,17 @@ file fails at start (and in ``gateway check-config``) instead of at the first re
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import yaml
+
+from gateway.validators import LIMIT_MAX, check_number, control_free, valid_name
+from gateway.validators import ConfigError as ConfigError  # re-exported: the config's error
 
 LIMIT_NAMES = (
     "requests_per_minute",
@@ -30,11 +31,6 @@ LIMIT_NAMES = (
 )
 DEFAULT_MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1", "dall-e-2", "dall-e-3")
 FAMILIES = ("gpt-image", "dall-e-2", "dall-e-3")
-# Users and teams end up in Redis keys (inside a Cluster hash tag), metric labels and records
-# split on newlines: matched whole (``valid_name``), never with ``match`` ("carol\n" would pass).
-NAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,128}")  # SPEC §4; "{", "}" and ":" stay out of the hash tag
-# Limits are summed in Redis integers (usd as micro-dollars): past this they would overflow.
-LIMIT_MAX = 10**12
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -42,25 +38,6 @@ def default_spool_path(env: Mapping[str, str]) -> str:
     """``$XDG_STATE_HOME/gateway/usage.spool``, else ``$HOME/.local/state/gateway/usage.spool``."""
     state = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state")
     return os.path.join(state, "gateway", "usage.spool")
-
-
-def valid_name(value: Any) -> TypeGuard[str]:
-    """A user or team name: the whole string matches ``NAME_RE``."""
-    return isinstance(value, str) and NAME_RE.fullmatch(value) is not None
-
-
-def control_free(value: str) -> bool:
-    """No control, format or line-separator characters (they would reach terminals and logs raw)."""
-    return not any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in value)
-
-
-class ConfigError(ValueError):
-    """A configuration key is missing, mistyped or out of range."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"config key '{key}': {reason}")
-        self.key = key
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -207,22 +184,6 @@ def _check_known(section: Mapping[str, Any], allowed: set[str], key: str) -> Non
             raise ConfigError(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
-def _number(value: Any, key: str, *, integer: bool = False, minimum: float = 0, allow_none: bool = False,
-            exclusive: bool = False, below: float | None = None) -> Any:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(key, f"must be {kind}, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(key, f"must be a finite number, got {value!r}")
-    if value < minimum or (exclusive and value == minimum):
-        raise ConfigError(key, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
-    if below is not None and value >= below:
-        raise ConfigError(key, f"must be below {below:.0e}, got {value!r}")
-    return value
-
-
 _POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "settle_queue_size"}
 
 
@@ -239,7 +200,7 @@ def _section(cls: type, raw: Any, key: str) -> Any:
             if not isinstance(value, bool):
                 raise ConfigError(full, f"must be true or false, got {value!r}")
         elif isinstance(default, int | float) or default is None:
-            value = _number(value, full, integer=isinstance(default, int) or default is None,
+            value = check_number(value, full, integer=isinstance(default, int) or default is None,
                             allow_none=default is None, exclusive=name in _POSITIVE)
         elif isinstance(default, str) and not isinstance(value, str):
             raise ConfigError(full, f"must be a string, got {value!r}")
@@ -252,7 +213,7 @@ def _limits(raw: Any, key: str) -> dict[str, Any]:
     _check_known(data, set(LIMIT_NAMES), key)
     out: dict[str, Any] = {}
     for name, value in data.items():
-        out[name] = _number(value, f"{key}.{name}", integer=name != "usd_per_month", allow_none=True,
+        out[name] = check_number(value, f"{key}.{name}", integer=name != "usd_per_month", allow_none=True,
                             below=LIMIT_MAX)
     return out
 
@@ -291,14 +252,14 @@ def _models(raw: Any) -> dict[str, ModelConfig]:
         family = spec.get("family", family_of(str(name)))
         if family is not None and family not in FAMILIES:
             raise ConfigError(f"{key}.family", f"must be one of {', '.join(FAMILIES)}, got {family!r}")
-        prices = {p: _number(spec[p], f"{key}.{p}") for p in price_keys if p in spec}
+        prices = {p: check_number(spec[p], f"{key}.{p}") for p in price_keys if p in spec}
         per_image = None
         if "per_image" in spec:
-            per_image = {str(k): _number(v, f"{key}.per_image.{k}")
+            per_image = {str(k): check_number(v, f"{key}.per_image.{k}")
                          for k, v in _mapping(spec["per_image"], f"{key}.per_image").items()}
         tokens = None
         if "output_tokens" in spec:
-            tokens = {str(k): _number(v, f"{key}.output_tokens.{k}", integer=True)
+            tokens = {str(k): check_number(v, f"{key}.output_tokens.{k}", integer=True)
                       for k, v in _mapping(spec["output_tokens"], f"{key}.output_tokens").items()}
         out[str(name)] = ModelConfig(name=str(name), family=family, per_image=per_image, output_tokens=tokens,
                                      **prices)
@@ -381,7 +342,7 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
     usage = _section(UsageSettings, raw.get("usage"), "usage")
     if not usage.spool_path:
         usage = replace(usage, spool_path=default_spool_path(env))
-    max_body = _number(raw.get("max_body_bytes", 1024 * 1024), "max_body_bytes", integer=True, minimum=1024)
+    max_body = check_number(raw.get("max_body_bytes", 1024 * 1024), "max_body_bytes", integer=True, minimum=1024)
     return Settings(
         upstream=upstream,
         redis=redis,

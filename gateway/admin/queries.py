@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from gateway.config import valid_name
 from gateway.errors import InvalidRequest, MissingParameter
 from gateway.metering.ledger import parse_iso
+from gateway.validators import valid_name
 
 MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 

@@ -37,10 +37,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.auth.authenticator import StoredKey
-from gateway.config import ConfigError, Settings, _limits, _model_list, control_free, key_digest, valid_name
+from gateway.config import ConfigError, Settings, _limits, _model_list, key_digest
 from gateway.errors import InvalidRequest, MissingParameter, ServiceUnavailable
 from gateway.redisdb.client import REDIS_ERRORS
 from gateway.redisdb.keys import RedisKeys
+from gateway.validators import control_free, valid_name
 
 KEY_PREFIX = "sk-igw-"
 _PREFIX_ALPHABET = string.ascii_lowercase + string.digits

@@ -1,7 +1,7 @@
 """The Redis key layout: every key the gateway uses is built here.
 
 All keys of one user share the Cluster hash tag ``{u:<user>}``, so every script that
-touches a user touches one slot. User names are restricted (config.NAME_RE) so they
+touches a user touches one slot. User names are restricted (validators.NAME_RE) so they
 cannot break out of the tag.
 """
 
