@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from gateway.imagestore.settings import StorageSettings
 from gateway.validators import LIMIT_MAX, check_number, control_free, valid_name
 from gateway.validators import ConfigError as ConfigError  # re-exported: the config's error
 
@@ -150,6 +151,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     default_model: str | None = "gpt-image-1"
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     plans: Mapping[str, Plan] = field(default_factory=dict)
@@ -165,7 +167,7 @@ class Settings:
 
 # --- parsing -----------------------------------------------------------------------------------
 
-_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "default_model", "models", "plans", "keys",
+_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "default_model", "models", "plans", "keys",
              "max_body_bytes"}
 
 
@@ -191,7 +193,7 @@ def _section(cls: type, raw: Any, key: str) -> Any:
     """Build a flat settings dataclass from a mapping, checking names and types."""
     data = _mapping(raw, key)
     defaults = cls()
-    _check_known(data, {f.name for f in fields(cls)} - {"api_keys"}, key)
+    _check_known(data, {f.name for f in fields(cls)} - {"api_keys", *StorageSettings.FROM_ENV}, key)
     values: dict[str, Any] = {}
     for name, value in data.items():
         default = getattr(defaults, name)
@@ -315,6 +317,14 @@ def _keys(raw: Any, plans: Mapping[str, Plan], models: Mapping[str, ModelConfig]
     return tuple(out)
 
 
+def _storage(raw: Any, env: Mapping[str, str]) -> StorageSettings:
+    data = dict(_mapping(raw, "storage"))
+    st = _section(StorageSettings, {k: v for k, v in data.items() if k != "endpoint_url"}, "storage")
+    for key, reason in st.problems(url := env.get("STORAGE_ENDPOINT_URL") or data.get("endpoint_url")):
+        raise ConfigError(f"storage.{key}", reason)
+    return st.with_env(url, env)
+
+
 def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> Settings:
     """Settings from a parsed YAML mapping and the environment."""
     env = os.environ if env is None else env
@@ -349,6 +359,7 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
         metrics=_section(MetricsSettings, raw.get("metrics"), "metrics"),
         auth=_section(AuthSettings, raw.get("auth"), "auth"),
         usage=usage,
+        storage=_storage(raw.get("storage"), env),
         default_model=default_model,
         models=models,
         plans=plans,

@@ -140,6 +140,14 @@ class UpstreamUnavailable(GatewayError):
     code = "upstream_unavailable"
 
 
+class StorageUnavailable(GatewayError):
+    """The image store failed; the message never carries its credentials."""
+
+    status = 502
+    type = "server_error"
+    code = "storage_unavailable"
+
+
 class UpstreamError(GatewayError):
     """An upstream error answer that was not in OpenAI's shape, relayed with its status."""
 

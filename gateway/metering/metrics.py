@@ -32,6 +32,7 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 REDIS_OPS = ("admit", "cancel", "settle", "ping", "auth_guard", "key_create", "key_lookup", "key_list",
              "key_revoke", "usage")
 LOST_SETTLEMENT_REASONS = ("no_spool", "spool_error")
+STORAGE_OPS = ("start", "put", "get", "presign")  # ImageStore._call(op)
 UPSTREAM_ERROR_REASONS = ("upstream_timeout", "upstream_unavailable", "upstream_auth_failed", "status_4xx",
                           "status_5xx")
 
@@ -65,6 +66,8 @@ class Metrics:
                                        ("reason",), registry=r)
         self.redis_errors = Counter("gateway_redis_errors_total", "Redis calls that failed, by operation.",
                                     ("op",), registry=r)
+        self.storage_errors = Counter("gateway_storage_errors_total", "Image-store calls that failed, by operation.",
+                                      ("op",), registry=r)
         self.auth_failures = Counter("gateway_auth_failures_total",
                                      "Failed authentications, and those refused by the brute-force guard.",
                                      ("outcome",), registry=r)
@@ -85,6 +88,8 @@ class Metrics:
         # Zero series up front, so dashboards and alerts see these names before the first failure.
         for op in REDIS_OPS:
             self.redis_errors.labels(op)
+        for op in STORAGE_OPS:
+            self.storage_errors.labels(op)
         for reason in UPSTREAM_ERROR_REASONS:
             self.upstream_errors.labels(reason)
         for reason in LOST_SETTLEMENT_REASONS:
