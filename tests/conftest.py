@@ -7,7 +7,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from gateway.devtools.seaweed import SeaweedS3
 from tests.support.procs import RedisCluster, RedisServer
+from tests.support.seaweed import S3Store
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +32,17 @@ def redis_cluster() -> Iterator[RedisCluster]:
     cluster = RedisCluster().start()
     yield cluster
     cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[SeaweedS3]:
+    """One SeaweedFS (weed server -s3) for the session, with an S3 identity: anonymous requests are refused."""
+    server = SeaweedS3().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def s3_store(seaweed: SeaweedS3) -> S3Store:
+    """The session's S3 endpoint and credentials, with a bucket name of this test's own (not yet created)."""
+    return S3Store(seaweed)
