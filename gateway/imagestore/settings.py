@@ -21,6 +21,7 @@ class StorageSettings:
     FROM_ENV = ("access_key_id", "secret_access_key")  # not accepted in the file
 
     endpoint_url: str | None = None  # env STORAGE_ENDPOINT_URL overrides
+    public_endpoint_url: str = ""  # the host presigned URLs name, when clients reach S3 elsewhere; "": endpoint_url
     bucket: str = "images"
     region: str = "us-east-1"
     url_ttl_seconds: int = 3600  # presigned GET URLs
@@ -37,6 +38,8 @@ class StorageSettings:
         """(key, reason) for each value that is out of range."""
         if endpoint_url is not None and not (isinstance(endpoint_url, str) and ENDPOINT_RE.match(endpoint_url)):
             yield "endpoint_url", "must be null or an http(s) URL without path or credentials"
+        if self.public_endpoint_url and not ENDPOINT_RE.match(self.public_endpoint_url):
+            yield "public_endpoint_url", "must be empty or an http(s) URL without path or credentials"
         if not BUCKET_RE.match(self.bucket):
             yield "bucket", f"not a valid S3 bucket name: {self.bucket!r}"
         if not 1 <= self.url_ttl_seconds <= MAX_URL_TTL:
@@ -45,5 +48,6 @@ class StorageSettings:
     def with_env(self, endpoint_url: str | None, env: Mapping[str, str]) -> StorageSettings:
         """These settings with the endpoint and the credentials from the environment."""
         return replace(self, endpoint_url=endpoint_url.rstrip("/") if endpoint_url else None,
+                       public_endpoint_url=self.public_endpoint_url.rstrip("/"),
                        access_key_id=env.get("STORAGE_ACCESS_KEY_ID") or None,
                        secret_access_key=env.get("STORAGE_SECRET_ACCESS_KEY") or None)

@@ -56,6 +56,7 @@ class ImageStore:
         self._metrics = metrics
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self._signer: Any = None  # the client presigned URLs are made with (another host when public_endpoint_url)
         self._known: OrderedDict[str, None] = OrderedDict()
 
     def _config(self) -> AioConfig:
@@ -85,12 +86,19 @@ class ImageStore:
         """Open the client and create the bucket if it is missing (two replicas racing is fine)."""
         s = self.settings
         async with self._call("start"):
-            self._client = await self._stack.enter_async_context(get_session().create_client(
-                "s3", endpoint_url=s.endpoint_url, region_name=s.region, config=self._config(),
-                # None: botocore's own chain (AWS_* env, web identity / IRSA, instance role).
-                aws_access_key_id=s.access_key_id, aws_secret_access_key=s.secret_access_key))
+            self._client = self._signer = await self._open(s.endpoint_url)
+            if s.public_endpoint_url and s.public_endpoint_url != s.endpoint_url:
+                # SigV4 signs the host: a URL for clients must be signed for the host they will ask.
+                self._signer = await self._open(s.public_endpoint_url)
             if not await self._bucket_exists():
                 await self._create_bucket()
+
+    async def _open(self, endpoint_url: str | None) -> Any:
+        s = self.settings
+        return await self._stack.enter_async_context(get_session().create_client(
+            "s3", endpoint_url=endpoint_url, region_name=s.region, config=self._config(),
+            # None: botocore's own chain (AWS_* env, web identity / IRSA, instance role).
+            aws_access_key_id=s.access_key_id, aws_secret_access_key=s.secret_access_key))
 
     async def _bucket_exists(self) -> bool:
         try:
@@ -148,11 +156,11 @@ class ImageStore:
     async def presigned_url(self, key: str) -> str:
         """A GET URL for ``key`` that works for ``storage.url_ttl_seconds`` (signed locally, no round trip)."""
         async with self._call("presign"):
-            url: str = await self._client.generate_presigned_url(
+            url: str = await self._signer.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.settings.url_ttl_seconds)
         return url
 
     async def close(self) -> None:
         """Close the client's connections."""
         await self._stack.aclose()
-        self._client = None
+        self._client = self._signer = None

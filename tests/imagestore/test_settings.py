@@ -36,6 +36,7 @@ def test_the_environment_can_name_the_endpoint() -> None:
     ({"endpoint_url": "http://user:pass@s3:8333"}, "storage.endpoint_url", "without path or credentials"),
     ({"endpoint_url": "s3.example.com"}, "storage.endpoint_url", "http(s) URL"),
     ({"endpoint_url": "http://s3:8333/images"}, "storage.endpoint_url", "without path"),
+    ({"public_endpoint_url": "https://cdn.example/images"}, "storage.public_endpoint_url", "without path"),
     ({"bucket": "Images_1"}, "storage.bucket", "S3 bucket name"),
     ({"url_ttl_seconds": 0}, "storage.url_ttl_seconds", "1 to 604800"),
     ({"url_ttl_seconds": 8 * 86400}, "storage.url_ttl_seconds", "1 to 604800"),

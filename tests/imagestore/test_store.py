@@ -88,6 +88,19 @@ async def test_a_stored_image_downloads_byte_exact_through_its_presigned_url(sto
     assert answer.headers["content-type"] == "image/png"
 
 
+async def test_urls_name_the_public_endpoint_when_clients_reach_the_store_elsewhere(s3_store: S3Store,
+                                                                                  metrics: Metrics) -> None:
+    internal = s3_store.endpoint.replace("127.0.0.1", "localhost")
+    store = ImageStore(s3_store.settings(endpoint_url=internal, public_endpoint_url=s3_store.endpoint), metrics)
+    await store.start()
+    try:
+        url = await store.presigned_url(await store.put_image(IMAGE))
+    finally:
+        await store.close()
+    assert url.startswith(s3_store.endpoint + "/")
+    assert (await download(url)).content == IMAGE
+
+
 async def test_the_url_without_or_with_a_tampered_signature_is_refused(store: ImageStore) -> None:
     url = await store.presigned_url(await store.put_image(IMAGE))
     parts = urlsplit(url)
