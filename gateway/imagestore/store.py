@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,7 +31,8 @@ log = logging.getLogger("gateway.imagestore")
 # Everything aiobotocore raises for a store that is down, slow, or refusing us.
 _FAILURES = (BotoCoreError, ClientError, aiohttp.ClientError, asyncio.TimeoutError, OSError)
 _MISSING = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
-_KNOWN_KEYS = 10_000  # keys this process stored lately: a repeat put of the same image is skipped
+_KNOWN_KEYS = 10_000  # keys this process stored lately: a repeat put of the same image is skipped ...
+_KNOWN_SECONDS = 3600.0  # ... within an hour: a bucket lifecycle rule may have expired an older object
 
 
 def _error_code(exc: BaseException) -> str:
@@ -57,7 +59,7 @@ class ImageStore:
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._signer: Any = None  # the client presigned URLs are made with (another host when public_endpoint_url)
-        self._known: OrderedDict[str, None] = OrderedDict()
+        self._known: OrderedDict[str, float] = OrderedDict()  # key -> when stored (monotonic)
 
     def _config(self) -> AioConfig:
         s = self.settings
@@ -125,13 +127,14 @@ class ImageStore:
     async def put_image(self, data: bytes) -> str:
         """Store an image under its content address and return the key (same bytes, same key)."""
         key = content_key(data)
-        if key in self._known:
-            self._known.move_to_end(key)
+        stored_at = self._known.get(key)
+        if stored_at is not None and time.monotonic() - stored_at < _KNOWN_SECONDS:
             return key
         # Without the local hint, a plain put: overwriting an object with its own bytes is harmless and
         # costs the same round trip a HEAD would.
         await self.put_blob(key, data)
-        self._known[key] = None
+        self._known[key] = time.monotonic()
+        self._known.move_to_end(key)
         if len(self._known) > _KNOWN_KEYS:
             self._known.popitem(last=False)
         return key

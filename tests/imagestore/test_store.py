@@ -122,6 +122,18 @@ async def test_the_same_bytes_get_the_same_key_and_are_stored_once(store: ImageS
     assert await bucket_keys(s3_store) == [first]
 
 
+async def test_an_image_expired_by_a_lifecycle_rule_is_uploaded_again_after_the_hour(store: ImageStore,
+                                                                                    s3_store: S3Store) -> None:
+    key = await store.put_image(IMAGE)
+    async with get_session().create_client("s3", endpoint_url=s3_store.endpoint, region_name="us-east-1",
+                                           aws_access_key_id=s3_store.access_key,
+                                           aws_secret_access_key=s3_store.secret_key) as s3:
+        await s3.delete_object(Bucket=s3_store.bucket, Key=key)  # what the lifecycle rule does after N days
+    store._known[key] -= 3601  # the process stored it over an hour ago
+    assert await store.put_image(IMAGE) == key
+    assert (await download(await store.presigned_url(key))).content == IMAGE
+
+
 async def test_the_extension_comes_from_the_magic_bytes(store: ImageStore) -> None:
     jpeg, webp, other = encode("jpeg", b"x"), encode("webp", b"x"), b"not an image"
     keys = [await store.put_image(data) for data in (jpeg, webp, other)]
