@@ -54,8 +54,10 @@ K8S_VERSIONS = ("1.30.0", "1.37.0")
 NON_CORE_API_GROUPS = ("monitoring.coreos.com/", "kustomize.config.k8s.io/")
 
 # Variables the compose file requires (`${VAR:?...}`), and every secret .env.example documents.
-COMPOSE_REQUIRED = {"TTAPI_API_KEY": "test-ttapi-key", "GRAFANA_ADMIN_PASSWORD": "test-grafana-password"}
-ENV_DOCUMENTED = ("TTAPI_API_KEY", "GATEWAY_ADMIN_TOKEN", "GRAFANA_ADMIN_PASSWORD", "UPSTREAM_BASE_URL")
+COMPOSE_REQUIRED = {"TTAPI_API_KEY": "test-ttapi-key", "GRAFANA_ADMIN_PASSWORD": "test-grafana-password",
+                    "STORAGE_ACCESS_KEY_ID": "test-storage-key-id", "STORAGE_SECRET_ACCESS_KEY": "test-storage-secret"}
+ENV_DOCUMENTED = ("TTAPI_API_KEY", "GATEWAY_ADMIN_TOKEN", "GRAFANA_ADMIN_PASSWORD", "UPSTREAM_BASE_URL",
+                  "STORAGE_ACCESS_KEY_ID", "STORAGE_SECRET_ACCESS_KEY")
 
 INSTALL_HINT = {
     "docker-compose": "apt-get install docker-compose (or the Docker Compose v2 plugin)",
@@ -154,7 +156,7 @@ def compose_env_file(tmp_path: Path, values: dict[str, str]) -> Path:
 def compose_process_env() -> dict[str, str]:
     """The environment without variables the compose file reads, so only the env file counts."""
     return {k: v for k, v in os.environ.items()
-            if k not in (*ENV_DOCUMENTED, "REDIS_URL", "GATEWAY_WORKERS", "GATEWAY_PORT")}
+            if k not in (*ENV_DOCUMENTED, "REDIS_URL", "GATEWAY_WORKERS", "GATEWAY_PORT", "STORAGE_PORT")}
 
 
 def test_env_example_documents_every_secret() -> None:
@@ -170,11 +172,19 @@ def test_docker_compose_config_is_valid(tmp_path: Path) -> None:
     run([*base, "config", "-q"], env=compose_process_env())
     config = yaml.safe_load(run([*base, "config"], env=compose_process_env()).stdout)
     services = config["services"]
-    assert set(services) == {"gateway", "redis", "prometheus", "grafana", "fake-upstream"}
+    assert set(services) == {"gateway", "redis", "seaweedfs", "prometheus", "grafana", "fake-upstream"}
     assert services["fake-upstream"]["profiles"] == ["demo"]
     assert services["gateway"]["depends_on"]["redis"]["condition"] == "service_healthy"
     gateway = services["gateway"]
     assert gateway["environment"]["TTAPI_API_KEY"] == COMPOSE_REQUIRED["TTAPI_API_KEY"]
+    # The gateway and SeaweedFS get the same S3 identity from .env; SeaweedFS has no other (anonymous refused).
+    seaweedfs = services["seaweedfs"]
+    for name in ("STORAGE_ACCESS_KEY_ID", "STORAGE_SECRET_ACCESS_KEY"):
+        assert gateway["environment"][name] == seaweedfs["environment"][name] == COMPOSE_REQUIRED[name]
+    assert gateway["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
+    assert "-s3.config=" in " ".join(seaweedfs["command"]) and "healthcheck" in seaweedfs
+    docker_config = yaml.safe_load((ROOT / "config/gateway.docker.yaml").read_text())
+    assert docker_config["storage"]["endpoint_url"] == "http://seaweedfs:8333"
     # The container outlives the gateway's own grace period (then the usage flush).
     stop = re.fullmatch(r"(\d+)s", gateway["stop_grace_period"])
     assert stop, gateway["stop_grace_period"]
@@ -324,7 +334,8 @@ def test_kubernetes_deployment_wiring() -> None:
     assert "gateway.yaml" in kinds["ConfigMap"]["data"]
     assert "emptyDir" in volumes[mounts[env["PROMETHEUS_MULTIPROC_DIR"]["value"]]]
     (secret,) = load_documents(K8S / "secret.example.yaml")
-    for name in ("TTAPI_API_KEY", "GATEWAY_ADMIN_TOKEN", "REDIS_URL"):
+    for name in ("TTAPI_API_KEY", "GATEWAY_ADMIN_TOKEN", "REDIS_URL", "STORAGE_ACCESS_KEY_ID",
+                 "STORAGE_SECRET_ACCESS_KEY"):
         ref = env[name]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
     # The pod outlives the gateway's own grace period (preStop + grace + usage flush).
