@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -18,9 +20,10 @@ from prometheus_client import CollectorRegistry
 from gateway.devtools.fake_images import encode, png
 from gateway.devtools.seaweed import SeaweedS3
 from gateway.errors import StorageUnavailable
+from gateway.imagestore import store as store_module
 from gateway.imagestore.responses import images_as_urls
 from gateway.imagestore.store import ImageStore
-from gateway.metering.metrics import Metrics
+from gateway.metering.metrics import STORAGE_OPS, Metrics
 from tests.support.seaweed import S3Store
 
 IMAGE = png(b"store-test", pad_bytes=200_000)
@@ -199,3 +202,8 @@ async def test_a_wrong_secret_fails_start_without_naming_the_credentials(s3_stor
     text = str(failed.value.body())
     assert s3_store.access_key not in text and s3_store.secret_key not in text
     assert await bucket_keys(s3_store) is None
+
+
+def test_the_pre_created_storage_ops_are_exactly_the_ones_the_store_emits() -> None:
+    source = Path(store_module.__file__).read_text()
+    assert set(re.findall(r'self\._call\("([a-z]+)"\)', source)) == set(STORAGE_OPS)
