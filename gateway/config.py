@@ -122,6 +122,15 @@ class RedisSettings:
     timeout_seconds: float = 0.5
     max_connections: int = 512
     pool_wait_seconds: float = 2.0  # a burst beyond max_connections waits this long for a connection
+    # Admissions and settlements: pipelined per loop tick over a few long-lived connections.
+    pipeline_connections: int = 4
+    # Redis is "unavailable" only on real signals: health pings failing with no reply meanwhile.
+    health_interval_seconds: float = 0.5
+    health_timeout_seconds: float = 2.0
+    health_failures: int = 2
+    # Under overload admissions are shed (503 + retry-after), never queued without bound.
+    admission_queue: int = 10_000
+    admission_wait_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -186,7 +195,9 @@ def _check_known(section: Mapping[str, Any], allowed: set[str], key: str) -> Non
             raise ConfigError(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
-_POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "settle_queue_size"}
+_POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "settle_queue_size",
+             "pipeline_connections", "health_interval_seconds", "health_timeout_seconds", "health_failures",
+             "admission_queue", "admission_wait_seconds"}
 
 
 def _section(cls: type, raw: Any, key: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -46,3 +47,13 @@ def seaweed() -> Iterator[SeaweedS3]:
 def s3_store(seaweed: SeaweedS3) -> S3Store:
     """The session's S3 endpoint and credentials, with a bucket name of this test's own (not yet created)."""
     return S3Store(seaweed)
+
+
+@pytest.fixture
+def pausable_redis() -> Iterator[RedisServer]:
+    """A private redis-server the test may pause (SIGSTOP: socket open, no answer); resumed and removed after."""
+    server = RedisServer().start()
+    yield server
+    if server.proc is not None:
+        server.proc.send_signal(signal.SIGCONT)
+    server.cleanup()

@@ -44,6 +44,7 @@ that follows breaks connections that are still opening under a burst.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from redis.asyncio import Redis, RedisCluster
 
 from gateway.config import Limits
 from gateway.errors import QuotaExceeded, RateLimited
+from gateway.redisdb.batcher import Batcher
 from gateway.redisdb.keys import RedisKeys
 
 WINDOW_MS = 60_000
@@ -75,7 +77,13 @@ class Periods:
 
 def utc_periods(now_ms: int) -> Periods:
     """The UTC calendar day and month containing ``now_ms``."""
-    now = _EPOCH + timedelta(milliseconds=now_ms)
+    return _day_periods(now_ms // 86_400_000)
+
+
+@functools.lru_cache(maxsize=64)
+def _day_periods(day_index: int) -> Periods:
+    """Periods of the UTC day ``day_index`` (days since the epoch): computed once per day, not per request."""
+    now = _EPOCH + timedelta(days=day_index)
     day_start = datetime(now.year, now.month, now.day, tzinfo=UTC)
     next_month = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
     return Periods(day=f"{now:%Y-%m-%d}", month=f"{now:%Y-%m}",
@@ -161,8 +169,12 @@ class Limiter:
 
     def __init__(self, client: RedisClient, keys: RedisKeys, *, lease_ms: int,
                  ledger_maxlen: int = 10_000_000, day_ttl_s: int = 400 * 86_400,
-                 month_ttl_s: int = 800 * 86_400, settled_ttl_s: int = 3 * 86_400) -> None:
+                 month_ttl_s: int = 800 * 86_400, settled_ttl_s: int = 3 * 86_400,
+                 batcher: Batcher | None = None) -> None:
         self.keys = keys
+        # Every script call goes through the batcher: one pipeline per loop tick, not one round trip each.
+        self.batcher = batcher or Batcher(client)
+        self._admit_keys = functools.lru_cache(maxsize=8192)(self._build_admit_keys)
         self.lease_ms = lease_ms
         self.ledger_maxlen = ledger_maxlen
         self.day_ttl_s = day_ttl_s
@@ -173,23 +185,24 @@ class Limiter:
         self._settle = client.register_script(_script("settle.lua"))
         self._cancel = client.register_script(_script("cancel.lua"))
 
-    async def admit(self, *, user: str, limits: Limits, request_id: str, n: int, est_tokens: int,
-                    est_usd_micros: int, now_ms: int) -> Admission:
-        """Admit a request or raise ``RateLimited`` / ``QuotaExceeded``; Redis errors propagate."""
-        _check_counts(n=n, est_tokens=est_tokens, est_usd_micros=est_usd_micros)
+    def _build_admit_keys(self, user: str, day: str, month: str) -> tuple[str, ...]:
         k = self.keys
+        return (k.requests_window(user), k.images_window(user), k.inflight(user), k.reservations(user),
+                k.day_usage(user, day), k.month_usage(user, month))
+
+    async def admit(self, *, user: str, limits: Limits, request_id: str, n: int, est_tokens: int,
+                    est_usd_micros: int, now_ms: int, queue_deadline: float | None = None) -> Admission:
+        """Admit a request or raise ``RateLimited`` / ``QuotaExceeded``; Redis errors and ``Shed`` propagate.
+
+        ``queue_deadline`` (monotonic seconds): shed rather than wait for Redis past it (see ``Batcher``).
+        """
+        _check_counts(n=n, est_tokens=est_tokens, est_usd_micros=est_usd_micros)
         periods = utc_periods(now_ms)
         deadline = now_ms + self.lease_ms
-        usd_limit = None if limits.usd_per_month is None else usd_micros(limits.usd_per_month)
-        keys = [k.requests_window(user), k.images_window(user), k.inflight(user), k.reservations(user),
-                k.day_usage(user, periods.day), k.month_usage(user, periods.month)]
+        keys = self._admit_keys(user, periods.day, periods.month)
         args: list[Any] = [request_id, now_ms, deadline, n, est_tokens, est_usd_micros,
-                *(_limit_arg(v) for v in (limits.requests_per_minute, limits.images_per_minute,
-                                          limits.max_concurrent_requests, limits.tokens_per_day,
-                                          limits.tokens_per_month, limits.images_per_day,
-                                          limits.images_per_month, usd_limit)),
-                self.day_ttl_s, self.month_ttl_s, WINDOW_MS]
-        reply = await self._admit(keys=keys, args=args)
+                           *_plan_args(limits), self.day_ttl_s, self.month_ttl_s, WINDOW_MS]
+        reply = await self.batcher.run(self._admit, keys, args, deadline=queue_deadline)
         if int(reply[0]) == 0:
             raise _refusal(_text(reply[1]), int(reply[2]), limits, periods)
         reqs, first_req, imgs, first_img, day_tokens, month_tokens = (int(x) for x in reply[1:7])
@@ -222,7 +235,7 @@ class Limiter:
                            self.day_ttl_s, self.month_ttl_s, self.settled_ttl_s, self.ledger_maxlen]
         for field, value in (record or {}).items():
             args += [field, value]
-        return bool(int(await self._settle(keys=keys, args=args)))
+        return bool(int(await self.batcher.run(self._settle, keys, args)))
 
     async def cancel(self, *, user: str, request_id: str, n: int, now_ms: int) -> bool:
         """Undo an admission the caller never learnt of (Redis timed out after admit ran); True if it had run."""
@@ -230,7 +243,7 @@ class Limiter:
         periods = utc_periods(now_ms)
         keys = [k.requests_window(user), k.images_window(user), k.inflight(user), k.reservations(user),
                 k.day_usage(user, periods.day), k.month_usage(user, periods.month), k.settled(user, request_id)]
-        return bool(int(await self._cancel(keys=keys, args=[request_id, n, self.settled_ttl_s])))
+        return bool(int(await self.batcher.run(self._cancel, keys, [request_id, n, self.settled_ttl_s])))
 
     async def release(self, admission: Admission, record: Mapping[str, str] | None = None) -> bool:
         """Settle a failed call: it costs nothing, but still counts as a finished request."""
@@ -238,6 +251,16 @@ class Limiter:
 
 
 COUNT_MAX = 2**53 - 1  # the scripts refuse more (exact in Lua's doubles); see settle.lua
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_args(limits: Limits) -> tuple[int, ...]:
+    """admit.lua's limit arguments (-1: unlimited), computed once per distinct set of limits."""
+    usd_limit = None if limits.usd_per_month is None else usd_micros(limits.usd_per_month)
+    return tuple(_limit_arg(v) for v in (limits.requests_per_minute, limits.images_per_minute,
+                                         limits.max_concurrent_requests, limits.tokens_per_day,
+                                         limits.tokens_per_month, limits.images_per_day,
+                                         limits.images_per_month, usd_limit))
 
 
 def _check_counts(**values: int) -> None:

@@ -33,6 +33,7 @@ REDIS_OPS = ("admit", "cancel", "settle", "ping", "auth_guard", "key_create", "k
              "key_revoke", "usage")
 LOST_SETTLEMENT_REASONS = ("no_spool", "spool_error")
 STORAGE_OPS = ("start", "put", "get", "presign")  # ImageStore._call(op)
+SHED_REASONS = ("queue_full", "deadline")
 UPSTREAM_ERROR_REASONS = ("upstream_timeout", "upstream_unavailable", "upstream_auth_failed", "status_4xx",
                           "status_5xx")
 
@@ -80,6 +81,10 @@ class Metrics:
         self.usage_pending = Gauge("gateway_usage_pending_settlements",
                                    "Settlements waiting for Redis (retried with backoff).", registry=r,
                                    multiprocess_mode="livesum")
+        self.admission_shed = Counter("gateway_admission_shed_total",
+                                      "Admissions refused with 503 before reaching Redis: the admission queue "
+                                      "was full (queue_full) or waiting would pass redis.admission_wait_seconds "
+                                      "(deadline).", ("reason",), registry=r)
 
         self.settlements_lost = Counter("gateway_usage_lost_settlements_total",
                                         "Settlements neither settled in Redis nor spooled (logged with their "
@@ -94,6 +99,8 @@ class Metrics:
             self.upstream_errors.labels(reason)
         for reason in LOST_SETTLEMENT_REASONS:
             self.settlements_lost.labels(reason)
+        for reason in SHED_REASONS:
+            self.admission_shed.labels(reason)
 
     def who(self, user: str, team: str | None) -> tuple[str, ...]:
         return (user, team or "") if self.user_label else (team or "",)

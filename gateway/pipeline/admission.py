@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from gateway.errors import ServiceUnavailable
 from gateway.metering.pricing import estimate
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.gateway import Gateway
+from gateway.redisdb.batcher import Shed
 from gateway.redisdb.client import REDIS_ERRORS
+from gateway.redisdb.health import CircuitOpen
 from gateway.tasks import spawn
 
 log = logging.getLogger("gateway.admission")
+
+RETRY_AFTER = "1"  # seconds, on a 503 from shedding or an unavailable Redis
 
 
 async def admit(gw: Gateway, exchange: Exchange) -> list[tuple[bytes, bytes]]:
@@ -26,16 +31,24 @@ async def admit(gw: Gateway, exchange: Exchange) -> list[tuple[bytes, bytes]]:
         admission = await gw.limiter.admit(
             user=p.user, limits=p.limits, request_id=exchange.request_id, n=exchange.request.n,
             est_tokens=exchange.estimate.tokens, est_usd_micros=exchange.estimate.usd_micros,
-            now_ms=exchange.started_ms)
+            now_ms=exchange.started_ms,
+            queue_deadline=time.monotonic() + gw.settings.redis.admission_wait_seconds)
+    except Shed as exc:
+        # Deliberate load shedding: never sent to Redis, so there is nothing to undo.
+        gw.metrics.admission_shed.labels(exc.reason).inc()
+        raise ServiceUnavailable("The gateway is overloaded; try again shortly.",
+                                 headers={"retry-after": RETRY_AFTER}) from exc
     except REDIS_ERRORS as exc:
         gw.metrics.redis_errors.labels("admit").inc()
         if gw.settings.redis.on_unavailable == "allow":
             # Served unmetered; its settlement later also frees what admit may have written.
             gw.metrics.unmetered.inc()
             return []
-        # The script may have run with only its answer lost: undo it once Redis answers again.
-        spawn(cancel_admission(gw, exchange))
-        raise ServiceUnavailable("The gateway's limit store is unavailable; try again shortly.") from exc
+        if not isinstance(exc, CircuitOpen):
+            # The script may have run with only its answer lost: undo it once Redis answers again.
+            spawn(cancel_admission(gw, exchange))
+        raise ServiceUnavailable("The gateway's limit store is unavailable; try again shortly.",
+                                 headers={"retry-after": RETRY_AFTER}) from exc
     exchange.admission = admission
     return [(k.encode(), v.encode()) for k, v in admission.headers.items()]
 

@@ -1,4 +1,4 @@
-"""The Redis client: standalone or Cluster, every call bounded by a timeout."""
+"""The Redis clients: standalone or Cluster; one for single calls, one for the batcher's pipelines."""
 
 from __future__ import annotations
 
@@ -17,18 +17,34 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterExcepti
 
 
 def open_redis(settings: RedisSettings) -> Any:
-    """A client whose calls fail fast (``redis.timeout_seconds``) instead of hanging requests."""
+    """A client whose calls fail fast (``redis.timeout_seconds``): keys, the auth guard, readiness."""
+    return _open(settings, max_connections=settings.max_connections, socket_timeout=settings.timeout_seconds,
+                 pool_wait=settings.pool_wait_seconds)
+
+
+def open_pipeline_redis(settings: RedisSettings) -> Any:
+    """The few long-lived connections of the batcher (``Batcher``) and its health pings.
+
+    No read timeout: a burst's pipelines wait on a busy event loop as long as Redis answers;
+    whether it answers is the health pinger's call (``Health``), never one slow read's.
+    Two connections beyond the pipelines' own, so a ping or a SCRIPT LOAD never waits for one.
+    """
+    return _open(settings, max_connections=settings.pipeline_connections + 2, socket_timeout=None,
+                 pool_wait=None)
+
+
+def _open(settings: RedisSettings, *, max_connections: int, socket_timeout: float | None,
+          pool_wait: float | None) -> Any:
     common: dict[str, Any] = {
-        "socket_timeout": settings.timeout_seconds,
+        "socket_timeout": socket_timeout,
         "socket_connect_timeout": settings.timeout_seconds,
         "decode_responses": False,
     }
     if settings.cluster:
-        return RedisCluster.from_url(settings.url, max_connections=settings.max_connections, **common)
-    # A burst of admissions larger than the pool waits for a free connection (redis.pool_wait_seconds)
+        return RedisCluster.from_url(settings.url, max_connections=max_connections, **common)
+    # A burst larger than the pool waits for a free connection (``pool_wait``; None: as long as it takes)
     # instead of failing with "Too many connections" as the default pool does.
     # One quick retry for a connection dropped by a Redis restart; never a long backoff on the hot path.
     pool = aioredis.BlockingConnectionPool.from_url(
-        settings.url, max_connections=settings.max_connections, timeout=settings.pool_wait_seconds,
-        retry=Retry(NoBackoff(), 1), **common)
+        settings.url, max_connections=max_connections, timeout=pool_wait, retry=Retry(NoBackoff(), 1), **common)
     return aioredis.Redis(connection_pool=pool)

@@ -1,14 +1,16 @@
-"""The Redis client: bursts wait for a pooled connection; a dead Redis fails fast."""
+"""The Redis client: bursts wait for a pooled connection; a hung Redis times out."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import pytest
+import redis.exceptions
 
 from gateway.config import RedisSettings
-from gateway.redisdb.client import REDIS_ERRORS, open_redis
-from tests.support.procs import free_port
+from gateway.redisdb.client import open_redis
+from tests.support.procs import RedisServer
 
 
 async def test_a_burst_larger_than_the_pool_waits_instead_of_failing(redis_url: str) -> None:
@@ -21,10 +23,17 @@ async def test_a_burst_larger_than_the_pool_waits_instead_of_failing(redis_url: 
         await client.aclose()
 
 
-async def test_an_unreachable_redis_raises_a_redis_error_quickly() -> None:
-    client = open_redis(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", timeout_seconds=0.2))
+async def test_a_paused_redis_times_out_a_call_instead_of_hanging() -> None:
+    # SIGSTOP: the socket stays open and nothing answers (a closed port would fail at connect instead).
+    server = RedisServer().start()
+    assert server.proc is not None
+    client = open_redis(RedisSettings(url=server.url, timeout_seconds=0.2))
     try:
-        with pytest.raises(REDIS_ERRORS):
-            await asyncio.wait_for(client.ping(), timeout=5)  # bounded by the client's own timeouts
+        assert await client.ping()
+        server.proc.send_signal(signal.SIGSTOP)
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await asyncio.wait_for(client.ping(), timeout=10)  # bounded by the client's own timeout
     finally:
+        server.proc.send_signal(signal.SIGCONT)
         await client.aclose()
+        server.cleanup()
