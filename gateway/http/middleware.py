@@ -31,7 +31,11 @@ class RequestIdMiddleware:
                     headers.append(header)
             await send(message)
 
-        inflight = self.metrics_of().inflight.labels(GENERATIONS) if scope["path"] == GENERATIONS else None
+        if scope["path"] == GENERATIONS:
+            metrics = self.metrics_of()
+            inflight = metrics.child(metrics.inflight, GENERATIONS)
+        else:
+            inflight = None
         if inflight is None:
             await self.app(scope, receive, send_with_id)
             return

@@ -54,7 +54,7 @@ class Meter:
 
     def refused(self, route: str, model: str, err: GatewayError, principal: Principal | None) -> None:
         """A request the gateway answered itself before any upstream call."""
-        self.metrics.requests.labels(route, model, str(err.status)).inc()
+        self.metrics.child(self.metrics.requests, route, model, str(err.status)).inc()
         limit = getattr(err, "limit_name", None)
         if err.status == 429 and limit and principal is not None:
             self.metrics.rate_limited.labels(*self.metrics.who(principal.user, principal.team), limit).inc()
@@ -67,26 +67,26 @@ class Meter:
         elapsed = time.monotonic() - exchange.started
         usage = billed_usage(self.settings, exchange)
         stream = "true" if req.stream else "false"
-        m.requests.labels(exchange.route, req.model, str(exchange.status)).inc()
-        m.request_duration.labels(exchange.route, req.model, stream).observe(elapsed)
+        m.child(m.requests, exchange.route, req.model, str(exchange.status)).inc()
+        m.child(m.request_duration, exchange.route, req.model, stream).observe(elapsed)
         outcome = upstream_outcome(exchange)
         if exchange.upstream_seconds is not None:
-            m.upstream_duration.labels(req.model, stream, outcome).observe(exchange.upstream_seconds)
+            m.child(m.upstream_duration, req.model, stream, outcome).observe(exchange.upstream_seconds)
         if outcome != "ok":
-            m.upstream_errors.labels(outcome).inc()
+            m.child(m.upstream_errors, outcome).inc()
         who = m.who(exchange.principal.user, exchange.principal.team)
         if usage.input_text_tokens:
-            m.tokens.labels(*who, req.model, "input_text").inc(usage.input_text_tokens)
+            m.child(m.tokens, *who, req.model, "input_text").inc(usage.input_text_tokens)
         if usage.input_image_tokens:
-            m.tokens.labels(*who, req.model, "input_image").inc(usage.input_image_tokens)
+            m.child(m.tokens, *who, req.model, "input_image").inc(usage.input_image_tokens)
         if usage.output_tokens:
-            m.tokens.labels(*who, req.model, "output").inc(usage.output_tokens)
+            m.child(m.tokens, *who, req.model, "output").inc(usage.output_tokens)
         if usage.images:
-            m.images.labels(*who, req.model).inc(usage.images)
+            m.child(m.images, *who, req.model).inc(usage.images)
             if not model_cfg.priced:
                 m.unpriced.labels(req.model).inc()
         if usage.usd_micros:
-            m.cost.labels(*who, req.model).inc(usage.usd_micros / 1_000_000)
+            m.child(m.cost, *who, req.model).inc(usage.usd_micros / 1_000_000)
         if self.settler is None:
             return
         admission = exchange.admission or unmetered_admission(exchange.request_id, exchange.principal.user,

@@ -8,6 +8,7 @@ by ``gateway serve``).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -43,6 +44,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, *, user_label: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.user_label = user_label
         who = ("user", "team") if user_label else ("team",)
         r = self.registry
@@ -101,6 +103,14 @@ class Metrics:
             self.settlements_lost.labels(reason)
         for reason in SHED_REASONS:
             self.admission_shed.labels(reason)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: the hot path skips prometheus-client's checks and lock."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def who(self, user: str, team: str | None) -> tuple[str, ...]:
         return (user, team or "") if self.user_label else (team or "",)
