@@ -153,10 +153,15 @@ class SlowResult:
     statuses: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0  # until the last request finished
     samples: dict[str, str] = field(default_factory=dict)  # status -> the first such body (failures only)
+    latencies: list[float] = field(default_factory=list)  # seconds, of each request that got a 200
 
     @property
     def ok(self) -> int:
         return self.statuses.get("200", 0)
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies) if self.latencies else float("nan")
 
 
 async def slow_requests(url: str, body: Mapping[str, Any], headers: Mapping[str, str], concurrency: int,
@@ -170,11 +175,14 @@ async def slow_requests(url: str, body: Mapping[str, Any], headers: Mapping[str,
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def one() -> None:
+            sent = time.perf_counter()
             try:
                 async with session.post(url, data=data, headers=hdrs) as resp:
                     answer = await resp.read()
                     result.statuses[str(resp.status)] += 1
-                    if resp.status != 200:
+                    if resp.status == 200:
+                        result.latencies.append(time.perf_counter() - sent)
+                    else:
                         result.samples.setdefault(str(resp.status), answer[:300].decode(errors="replace"))
             except (aiohttp.ClientError, TimeoutError) as exc:
                 result.statuses[type(exc).__name__] += 1

@@ -130,9 +130,9 @@ directly), and the ratios through/direct are what to compare between runs and ma
 
 Caveat: the load generator (wrk, one thread; aiohttp in the bench process for streams
 and slow requests), the gateway, the fake upstream and redis-server share this machine's
-cores. By default the process under test (gateway or relay) is pinned to its own CPU(s)
-and everything else to the rest (`--no-pin` to let the scheduler place them): without
-pinning, figures on a 2-core machine swing by 30% from run to run. The direct baseline
+cores. `bench.run` leaves placement to the scheduler by default, as users run it (`--pin`
+puts the gateway on its own CPU(s) and everything else on the rest); `bench.engines` pins
+by default (`--no-pin`). Unpinned, figures on a 2-core machine swing by 30% from run to run. The direct baseline
 shares its core with wrk, so it understates what the fake serves on a core of its own.
 """
 

@@ -4,10 +4,14 @@ Starts its own redis-server, fake upstream and gateway (a plan whose every limit
 high enough never to refuse, so admission and settlement run), and measures the fake
 directly and through the gateway in the same run:
 
+- c1:     small non-stream requests one at a time (wrk -c1): the p50 the gateway adds;
 - rps:    small non-stream requests at 64 concurrent (wrk): req/s, p50, p99;
 - ttfb:   streamed requests (partial_images 2, an event gap): median time to the first event;
-- big:    ~3 MB JSON answers at 16 concurrent (wrk): req/s, p50, gateway peak RSS;
-- memory: 1,200 concurrent slow requests (10 s each): gateway RSS before, peak, after.
+- big:    ~3 MB JSON answers at 8 concurrent (wrk): MB/s, p50, gateway peak RSS;
+- burst:  1,500 requests held 3 s, then 5,000 held 10 s, all sent at once (bench/burst.py):
+          how many succeed, p50, gateway RSS before, peak and after.
+
+Unpinned by default, as users run it; ``--pin`` puts the gateway on a core of its own.
 
 Prints a table with the ratios through/direct and rewrites this run's section of
 bench/RESULTS.md. Not a pass/fail test. ``--profile`` adds a py-spy profile of the
@@ -20,126 +24,28 @@ import argparse
 import asyncio
 import contextlib
 import os
-import secrets
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import redis
-import yaml
-
-from bench import load, profile, report
+from bench import burst, load, profile, report
 from bench.procs import (
     OUT_DIR,
     CpuPlan,
     OtherLoad,
-    Proc,
     RssSampler,
     children_cpu_seconds,
     cpu_plan,
     cpu_seconds,
-    process_tree,
     raise_fd_limit,
     rss_bytes,
-    start_fake,
-    start_gateway,
-    start_redis,
 )
-from gateway.config import key_digest
+from bench.stack import SMALL, Stack, running_stack
 
-PHASES = ("rps", "ttfb", "big", "memory")
-UPSTREAM_KEY = "bench-upstream-key"
-MODEL = "gpt-image-1"
-SMALL = {"model": MODEL, "prompt": "a lighthouse at dusk", "size": "1024x1024", "quality": "low"}
-HIGH = 10**12  # every limit present, none ever reached
-BENCH_PLAN = {"requests_per_minute": HIGH, "images_per_minute": HIGH, "max_concurrent_requests": 10**6,
-              "tokens_per_day": HIGH, "tokens_per_month": HIGH, "images_per_day": HIGH,
-              "images_per_month": HIGH, "usd_per_month": 1e9}
-
-
-def gateway_config(key: str, spool: Path) -> dict[str, Any]:
-    return {
-        "upstream": {"timeout_seconds": 120},
-        "usage": {"spool_path": str(spool)},
-        "default_model": MODEL,
-        "models": {MODEL: {"input_text_per_1m": 5.0, "input_image_per_1m": 10.0, "output_per_1m": 40.0}},
-        "plans": {"bench": BENCH_PLAN},
-        "keys": [{"user": "bench", "team": "bench", "plan": "bench", "name": "bench",
-                  "sha256": key_digest(key)}],
-    }
-
-
-@dataclass
-class Stack:
-    redis: Proc
-    fake: Proc
-    gateway: Proc
-    gateway_key: str
-    workers: int
-
-    @property
-    def direct(self) -> tuple[str, dict[str, str]]:
-        return self.fake.url + "/v1/images/generations", {"TT-API-KEY": UPSTREAM_KEY}
-
-    @property
-    def through(self) -> tuple[str, dict[str, str]]:
-        return self.gateway.url + "/v1/images/generations", {"Authorization": f"Bearer {self.gateway_key}"}
-
-    def targets(self) -> list[tuple[str, str, dict[str, str]]]:
-        return [("direct", *self.direct), ("through", *self.through)]
-
-    def redis_calls(self) -> Counter[str]:
-        client = redis.Redis(port=self.redis.port, socket_timeout=5)
-        try:
-            stats = client.info("commandstats")
-        finally:
-            client.close()
-        return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()})
-
-    def busiest_worker(self) -> int:
-        """The gateway process that has used the most CPU (the worker, under uvicorn's supervisor)."""
-        return max(process_tree(self.gateway.pid), key=cpu_seconds)
-
-    def fds(self) -> int:
-        total = 0
-        for pid in process_tree(self.gateway.pid):
-            with contextlib.suppress(OSError):
-                total += len(os.listdir(f"/proc/{pid}/fd"))
-        return total
-
-
-@contextlib.contextmanager
-def running_stack(workers: int, cpus: set[int] | None = None) -> Iterator[Stack]:
-    workdir = Path(tempfile.mkdtemp(prefix="bench-run-"))
-    procs: list[Proc] = []
-    try:
-        red = start_redis(workdir)
-        procs.append(red)
-        fake = start_fake(UPSTREAM_KEY)
-        procs.append(fake)
-        key = "sk-igw-bench_" + secrets.token_urlsafe(24)
-        config = workdir / "gateway.yaml"
-        config.write_text(yaml.safe_dump(gateway_config(key, workdir / "usage.spool")))
-        env = {"TTAPI_API_KEY": UPSTREAM_KEY, "UPSTREAM_BASE_URL": fake.url,
-               "REDIS_URL": f"redis://127.0.0.1:{red.port}/0",
-               # As the container image runs it: multiprocess metrics files, even with one worker.
-               "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
-               "GATEWAY_GRACE_SECONDS": "5"}
-        gw = start_gateway(config, env, workers, cpus)
-        procs.append(gw)
-        yield Stack(red, fake, gw, key, workers)
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
+PHASES = ("c1", "rps", "ttfb", "big", "burst")
 # --- phases -----------------------------------------------------------------------------------------
 
 
@@ -239,6 +145,16 @@ def phase_rps(stack: Stack, args: argparse.Namespace, res: Results) -> None:
         res.note(f"through the gateway {t.rps:,.0f} req/s: below the 1,000 req/s target for one worker")
 
 
+def phase_c1(stack: Stack, args: argparse.Namespace, res: Results) -> None:
+    print(f"c1: small non-stream requests one at a time, {args.duration:g} s", flush=True)
+    pair = _wrk_pair(stack, SMALL, 1, args, timeout=10)
+    d, t = pair.direct, pair.through
+    _add_latency(res, "small JSON, 1 at a time: p50", d.p50, t.p50)
+    res.add("small JSON, 1 at a time: req/s", report.fmt_num(d.rps, "req/s"), report.fmt_num(t.rps, "req/s"),
+            report.ratio(t.rps, d.rps))
+    res.note(f"concurrency 1: the gateway adds {(t.p50 - d.p50) * 1000:.2f} ms to the p50")
+
+
 def phase_ttfb(stack: Stack, args: argparse.Namespace, res: Results) -> None:
     gap = args.event_gap
     print(f"ttfb: {args.streams} streams in a row (partial_images 2, event gap {gap:g} s)", flush=True)
@@ -267,37 +183,6 @@ def _mode(counter: Counter[int]) -> str:
     return str(counter.most_common(1)[0][0]) if counter else "-"
 
 
-def phase_memory(stack: Stack, args: argparse.Namespace, res: Results) -> None:
-    n, latency = args.slow, args.slow_latency
-    print(f"memory: {n} concurrent slow requests ({latency:g} s each)", flush=True)
-    body = {**SMALL, "fake": {"latency": latency}}
-    url, headers = stack.direct
-    direct = asyncio.run(load.slow_requests(url, body, headers, n))
-    print(f"  direct   {direct.ok}/{n} OK in {direct.seconds:.1f} s  {dict(direct.statuses)}", flush=True)
-    url, headers = stack.through
-    before, fds_before = rss_bytes(stack.gateway.pid), stack.fds()
-    with RssSampler(stack.gateway.pid) as sampler:
-        through = asyncio.run(load.slow_requests(url, body, headers, n))
-    time.sleep(1.0)  # let closed connections and finished tasks go before reading "after"
-    after, fds_after = rss_bytes(stack.gateway.pid), stack.fds()
-    print(f"  through  {through.ok}/{n} OK in {through.seconds:.1f} s  {dict(through.statuses)}  RSS "
-          f"{before / 2**20:.0f} -> peak {sampler.peak / 2**20:.0f} -> {after / 2**20:.0f} MiB  "
-          f"fds {fds_before} -> {fds_after}", flush=True)
-    res.add(f"{n} slow requests at once ({latency:g} s): OK", f"{direct.ok}/{n}", f"{through.ok}/{n}")
-    res.add(f"{n} slow requests: time until all done", report.fmt_num(direct.seconds, "s"),
-            report.fmt_num(through.seconds, "s"), report.ratio(through.seconds, direct.seconds))
-    res.add(f"{n} slow requests: gateway RSS before / peak / after", "-",
-            f"{before / 2**20:.0f} / {sampler.peak / 2**20:.0f} / {after / 2**20:.0f} MiB")
-    per_request = (sampler.peak - before) / n
-    res.note(f"slow requests: gateway peak RSS grows {per_request / 1024:.0f} KiB per request in flight; "
-             f"open fds {fds_before} before, {fds_after} after (idle upstream keep-alive connections stay "
-             "pooled)")
-    for name, result in (("direct", direct), ("through", through)):
-        if result.ok != n:
-            res.note(f"slow requests {name}: only {result.ok}/{n} OK: {dict(result.statuses)}; first bodies: "
-                     + "; ".join(f"{k}: {v}" for k, v in result.samples.items()))
-
-
 def phase_big(stack: Stack, args: argparse.Namespace, res: Results) -> None:
     pad = args.big_pad
     print(f"big: ~{pad * 4 / 3 / 1e6:.1f} MB JSON answers, {args.big_concurrency} concurrent, "
@@ -306,8 +191,11 @@ def phase_big(stack: Stack, args: argparse.Namespace, res: Results) -> None:
     before = rss_bytes(stack.gateway.pid)
     pair = _wrk_pair(stack, body, args.big_concurrency, args, timeout=60, sample_rss=True)
     d, t, peak = pair.direct, pair.through, pair.peak_rss
-    label = f"~3 MB JSON, {args.big_concurrency} concurrent"
+    label = f"~{pad * 4 / 3 / 1e6:.0f} MB JSON, {args.big_concurrency} concurrent"
     res.add(f"{label}: req/s", report.fmt_num(d.rps, "req/s"), report.fmt_num(t.rps, "req/s"),
+            report.ratio(t.rps, d.rps))
+    megabytes = pad * 4 / 3 / 1e6  # the base64 image dominates the answer
+    res.add(f"{label}: MB/s", f"{d.rps * megabytes:,.0f} MB/s", f"{t.rps * megabytes:,.0f} MB/s",
             report.ratio(t.rps, d.rps))
     _add_latency(res, f"{label}: p50", d.p50, t.p50)
     res.add(f"{label}: errors", d.error_text(), t.error_text())
@@ -330,8 +218,12 @@ def run_profile(stack: Stack, args: argparse.Namespace, res: Results) -> None:
         duration=args.duration, out_dir=OUT_DIR)
 
 
+def phase_burst(stack: Stack, args: argparse.Namespace, res: Results) -> None:
+    burst.phase_burst(stack, args, res, SMALL)
+
+
 PHASE_FUNCS: dict[str, Callable[[Stack, argparse.Namespace, Results], None]] = {
-    "rps": phase_rps, "ttfb": phase_ttfb, "memory": phase_memory, "big": phase_big}
+    "c1": phase_c1, "rps": phase_rps, "ttfb": phase_ttfb, "big": phase_big, "burst": phase_burst}
 
 
 # --- main ---------------------------------------------------------------------------------------------
@@ -347,14 +239,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=64, help="rps: connections (default 64)")
     parser.add_argument("--streams", type=int, default=20, help="ttfb: streamed requests (default 20)")
     parser.add_argument("--event-gap", type=float, default=0.2, help="ttfb: seconds between events (0.2)")
-    parser.add_argument("--slow", type=int, default=1200, help="memory: requests in flight at once (1200)")
-    parser.add_argument("--slow-latency", type=float, default=10.0, help="memory: fake latency (10 s)")
-    parser.add_argument("--big-concurrency", type=int, default=16, help="big: connections (default 16)")
+    parser.add_argument("--bursts", default="1500x3,5000x10",
+                        help="burst: REQUESTSxSECONDS_HELD, comma-separated (1500x3,5000x10)")
+    parser.add_argument("--big-concurrency", type=int, default=8, help="big: connections (default 8)")
     parser.add_argument("--big-pad", type=int, default=2_200_000, help="big: image bytes (default 2.2 MB)")
     parser.add_argument("--profile", nargs="?", const="rps", choices=("rps", "big"),
                         help="also profile the gateway worker (py-spy) under the rps (default) or big load")
-    parser.add_argument("--no-pin", dest="pin", action="store_false",
-                        help="do not pin the gateway to its own CPUs (pinned when the machine has more)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the gateway to its own CPUs and the rest to the others (default: unpinned, "
+                             "as users run it)")
     parser.add_argument("--label", default="", help="a name for this run's section in RESULTS.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args(argv)
@@ -363,8 +256,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = wanted - set(PHASES)
     if unknown:
         parser.error(f"unknown phase(s) {', '.join(sorted(unknown))}; choose from {', '.join(PHASES)}")
-    # Always in this order: memory last, as its burst leaves ~1,200 idle upstream connections pooled
-    # (30 s keep-alive) and reusing those cold connections slows the big phase down 3-4x.
+    # Always in this order: bursts last, as they leave thousands of idle upstream connections pooled
+    # (10 s keep-alive) and reusing those cold connections slows the big phase down 3-4x.
     args.phases = [p for p in PHASES if p in wanted]
     return args
 
@@ -400,10 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     with OtherLoad() as others:
         with running_stack(args.workers, plan.subject) as stack:
             for phase in args.phases:
-                if phase == "memory" and args.profile:  # before the burst, as the big phase
+                if phase == "burst" and args.profile:  # before the bursts, as the big phase
                     run_profile(stack, args, res)
                 PHASE_FUNCS[phase](stack, args, res)
-            if args.profile and "memory" not in args.phases:
+            if args.profile and "burst" not in args.phases:
                 run_profile(stack, args, res)
             log = stack.gateway.log_path.read_text(errors="replace")
     res.note(f"other processes on the machine kept {100 * others.share():.0f}% of a core busy on average during "
