@@ -122,14 +122,11 @@ class RedisSettings:
     timeout_seconds: float = 0.5
     max_connections: int = 512
     pool_wait_seconds: float = 2.0  # a burst beyond max_connections waits this long for a connection
-    # Admissions and settlements: pipelined per loop tick over a few long-lived connections.
-    pipeline_connections: int = 4
-    # Redis is "unavailable" only on real signals: health pings failing with no reply meanwhile.
-    health_interval_seconds: float = 0.5
+    pipeline_connections: int = 4  # admissions and settlements: one pipeline per loop tick (redisdb/batcher.py)
+    health_interval_seconds: float = 0.5  # the circuit (redisdb/health.py): "down" only on failed pings
     health_timeout_seconds: float = 2.0
     health_failures: int = 2
-    # Under overload admissions are shed (503 + retry-after), never queued without bound.
-    admission_queue: int = 10_000
+    admission_queue: int = 10_000  # overload: shed (503 + retry-after), never queued without bound
     admission_wait_seconds: float = 10.0
 
 
