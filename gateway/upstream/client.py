@@ -17,8 +17,10 @@ import aiohttp
 
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamAuthFailed, UpstreamTimeout, UpstreamUnavailable
+from gateway.upstream.form_body import FormBody
 
 GENERATIONS_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"
 # Client headers worth passing on; everything else (Authorization, Cookie, OpenAI-Organization,
 # OpenAI-Project, hop-by-hop headers, any other credential-like header) stays at the gateway.
 # Idempotency-Key goes upstream only namespaced per user (the caller passes it).
@@ -71,10 +73,11 @@ class UpstreamReply:
 
 
 class UpstreamClient:
-    """Sends generation requests to the upstream with the gateway's own key."""
+    """Sends image requests (generations, edits) to the upstream with the gateway's own key."""
 
     def __init__(self, settings: UpstreamSettings, *, session: aiohttp.ClientSession | None = None) -> None:
         self.settings = settings
+        self.base_url = settings.base_url
         self.url = settings.base_url + GENERATIONS_PATH
         self.pool = KeyPool(settings.api_keys, settings.key_rest_seconds)
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_seconds,
@@ -94,12 +97,15 @@ class UpstreamClient:
             await self._session.close()
             self._session = None
 
-    async def send(self, body: bytes, client_headers: Mapping[str, str], request_id: str, *,
-                   idempotency_key: str | None = None) -> UpstreamReply:
-        """POST ``body`` (the validated request as JSON) upstream; try the next key on 401/403."""
+    async def send(self, body: bytes | FormBody, client_headers: Mapping[str, str], request_id: str, *,
+                   idempotency_key: str | None = None, path: str = GENERATIONS_PATH) -> UpstreamReply:
+        """POST ``body`` (the validated request as JSON, or an edit's form) to ``path``; next key on 401/403."""
         assert self._session is not None, "UpstreamClient.start() not called"
         headers = {name: client_headers[name] for name in FORWARDED_HEADERS if name in client_headers}
         headers["content-type"] = "application/json"
+        if isinstance(body, FormBody):  # a fresh body: its own boundary, its exact length
+            headers["content-type"] = body.content_type
+            headers["content-length"] = str(body.size)
         if idempotency_key is not None:
             headers["idempotency-key"] = idempotency_key
         headers["accept-encoding"] = "identity"  # relay bytes as they are; never re-compress SSE
@@ -112,7 +118,9 @@ class UpstreamClient:
             started = time.monotonic()
             try:
                 # Never follow redirects: aiohttp would carry TT-API-KEY to whatever host they name.
-                response = await self._session.post(self.url, data=body, headers=headers, allow_redirects=False)
+                data = body.payload() if isinstance(body, FormBody) else body
+                response = await self._session.post(self.base_url + path, data=data, headers=headers,
+                                                    allow_redirects=False)
             except aiohttp.ConnectionTimeoutError as exc:
                 raise UpstreamUnavailable("The upstream could not be reached (connect timed out).") from exc
             except TimeoutError as exc:
