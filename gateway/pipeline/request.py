@@ -1,4 +1,7 @@
-"""Request rules for ``POST /v1/images/generations`` (SPEC §2), checked before anything is spent.
+"""Request rules for ``POST /v1/images/generations`` and ``/v1/images/edits`` (SPEC §2, §2.1).
+
+Checked before anything is spent. Both routes share the per-model rules below; an edit's form
+fields are strings, so ``form_fields`` first turns them into the JSON types the rules expect.
 
 The body is only read, never changed or copied: the gateway forwards the client's original bytes,
 and ``ImageRequest`` carries just what limits and metering need. Fields the gateway does not know
@@ -22,6 +25,9 @@ from gateway.config import Settings
 from gateway.errors import InvalidRequest, MissingParameter
 
 GENERATIONS = "/v1/images/generations"
+EDITS = "/v1/images/edits"
+ROUTE_NAMES = {GENERATIONS: "generations", EDITS: "edits"}  # the ``route`` of usage records
+EDIT_FAMILIES = frozenset({"gpt-image", "dall-e-2"})
 
 PROMPT_MAX_CHARS: Mapping[str | None, int] = {"gpt-image": 32000, "dall-e-2": 1000, "dall-e-3": 4000}
 DEFAULT_PROMPT_MAX_CHARS = 32000  # unknown family
@@ -66,6 +72,7 @@ class ImageRequest:
     response_format: str | None
     output_format: str | None
     model_defaulted: bool  # the body named no model and settings.default_model was used
+    input_images: int = 0  # images uploaded with an edit (billed as input image tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +102,38 @@ _RULES = (
     _Rule("style", str, _DALLE3_ONLY, {None: ("vivid", "natural")}),
     _Rule("user", str),
 )
+_EDIT_RULES = (*_RULES, _Rule("input_fidelity", str, _GPT_ONLY, {None: ("high", "low")}))
+_FORM_KINDS = {rule.name: rule.kind for rule in _EDIT_RULES if rule.kind in (int, bool)}
+_BOOLS = {"true": True, "false": False}
+_INTEGER = re.compile(r"-?[0-9]{1,12}", re.ASCII)
 
 
-def validate_image_request(body: object, settings: Settings) -> ImageRequest:
+def form_fields(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """An edit's text fields as JSON values: integers and booleans converted, a field sent twice refused."""
+    values: dict[str, Any] = {}
+    seen: dict[str, str] = {}
+    for name, text in pairs:
+        folded = name.lower()
+        if folded in seen:
+            first = seen[folded]
+            what = "was given twice" if first == name else f"repeats '{first}' in another letter case"
+            raise InvalidRequest(f"Invalid field '{name}': it {what}.", param=name)
+        seen[folded] = name
+        kind = _FORM_KINDS.get(name)
+        if kind is bool and text.lower() in _BOOLS:
+            values[name] = _BOOLS[text.lower()]
+        elif kind is int and _INTEGER.fullmatch(text):
+            values[name] = int(text)
+        elif kind is not None:
+            raise InvalidRequest(f"Invalid type for '{name}': expected {_JSON_TYPES[kind]}, but got "
+                                 f"'{text[:40]}' instead.", param=name)
+        else:
+            values[name] = text
+    return values
+
+
+def validate_image_request(body: object, settings: Settings, *, route: str = GENERATIONS,
+                           input_images: int = 0) -> ImageRequest:
     """The checked request, or ``InvalidRequest``/``MissingParameter`` naming the first bad field."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
@@ -122,13 +158,16 @@ def validate_image_request(body: object, settings: Settings) -> ImageRequest:
         raise InvalidRequest(f"Invalid value: '{model}'. Supported values are: {_one_of(settings.models)}.",
                              param="model")
     family = config.family
+    if route == EDITS and family is not None and family not in EDIT_FAMILIES:
+        raise InvalidRequest(f"The model '{model}' does not support image edits; use a GPT image model "
+                             "or dall-e-2.", param="model")
     limit = PROMPT_MAX_CHARS.get(family, DEFAULT_PROMPT_MAX_CHARS)
     if len(prompt) > limit:
         raise InvalidRequest(f"Invalid 'prompt': string too long. Expected a string with maximum length "
                              f"{limit}, but got a string with length {len(prompt)} instead.", param="prompt")
 
     values: dict[str, Any] = {}
-    for rule in _RULES:
+    for rule in _EDIT_RULES if route == EDITS else _RULES:
         value = body.get(rule.name)
         if value is not None:
             _check(rule, value, model, family)
@@ -151,10 +190,11 @@ def validate_image_request(body: object, settings: Settings) -> ImageRequest:
         response_format=values.get("response_format"),
         output_format=values.get("output_format"),
         model_defaulted=model_defaulted,
+        input_images=input_images,
     )
 
 
-KNOWN_FIELDS = frozenset({"prompt", "model", *(rule.name for rule in _RULES)})
+KNOWN_FIELDS = frozenset({"prompt", "model", *(rule.name for rule in _EDIT_RULES)})
 
 
 def refuse_case_variants(body: Mapping[str, Any]) -> None:

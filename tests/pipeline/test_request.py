@@ -12,7 +12,7 @@ import pytest
 
 from gateway.config import key_digest, parse_settings
 from gateway.errors import InvalidRequest, MissingParameter
-from gateway.pipeline.request import ImageRequest, validate_image_request
+from gateway.pipeline.request import EDITS, ImageRequest, form_fields, validate_image_request
 from tests.support import procs
 
 SETTINGS = parse_settings({}, env={})  # the five default models, default_model gpt-image-1
@@ -311,3 +311,39 @@ def test_a_running_gateway_refuses_a_formula_size_for_an_unknown_family_model(re
         assert caught.value.status_code == 400
         assert caught.value.body["param"] == "size"  # type: ignore[index]
         assert httpx.get(fake.url + "/_fake/stats").json()["requests"] == 0
+
+
+# --- edits: form fields are strings, then the same rules ----------------------------------------------
+
+
+def test_form_fields_become_the_json_types_the_rules_check() -> None:
+    values = form_fields([("prompt", "p"), ("n", "3"), ("stream", "TRUE"), ("partial_images", "2"),
+                          ("output_compression", "0"), ("size", "1024x1024"), ("extra", "kept")])
+    assert values == {"prompt": "p", "n": 3, "stream": True, "partial_images": 2, "output_compression": 0,
+                      "size": "1024x1024", "extra": "kept"}
+    request = validate_image_request(values, SETTINGS, route=EDITS, input_images=2)
+    assert (request.n, request.stream, request.partial_images, request.input_images) == (3, True, 2, 2)
+
+
+@pytest.mark.parametrize(("pairs", "param"), [
+    ([("n", "2.0")], "n"), ([("n", "")], "n"), ([("n", "1e3")], "n"), ([("stream", "yes")], "stream"),
+    ([("stream", "1")], "stream"), ([("partial_images", "one")], "partial_images"),
+    ([("model", "gpt-image-1"), ("model", "gpt-image-1")], "model"), ([("n", "1"), ("N", "2")], "N"),
+])
+def test_bad_form_values_and_repeated_fields_are_refused(pairs: list[tuple[str, str]], param: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        form_fields([("prompt", "p"), *pairs])
+    assert caught.value.param == param
+
+
+def test_edits_take_gpt_image_and_dall_e_2_only_and_input_fidelity_for_gpt_image() -> None:
+    for model in ("gpt-image-1", "gpt-image-2", "dall-e-2"):
+        assert validate_image_request(body(model=model), SETTINGS, route=EDITS).model == model
+    cases = [(body(model="dall-e-3"), "model"), (body(input_fidelity="medium"), "input_fidelity"),
+             (body(model="dall-e-2", input_fidelity="high"), "input_fidelity"), (body(n=11), "n")]
+    for bad, param in cases:
+        with pytest.raises(InvalidRequest) as caught:
+            validate_image_request(bad, SETTINGS, route=EDITS)
+        assert caught.value.param == param
+    # Generations know no input_fidelity: passed upstream unchecked, as any unknown field.
+    assert validate_image_request(body(input_fidelity="medium"), SETTINGS).model == "gpt-image-1"
