@@ -15,6 +15,10 @@ GPT_IMAGE_OUTPUT_TOKENS: dict[str, dict[str, int]] = {
     "1536x1024": {"low": 400, "medium": 1568, "high": 6208},
 }
 _BASE_AREA = 1024 * 1024
+# Input image tokens reserved per image uploaded to an edit, unless the model's config sets
+# ``input_image_tokens_per_image``: above the ~800 a 1024x1024 input costs at low fidelity, below
+# what large images at input_fidelity=high reach. The reservation settles to the reported usage.
+DEFAULT_INPUT_IMAGE_TOKENS = 1500
 
 
 def output_tokens_per_image(size: str | None, quality: str | None,
@@ -35,6 +39,11 @@ def output_tokens_per_image(size: str | None, quality: str | None,
     except ValueError:
         return max(row[quality] for row in GPT_IMAGE_OUTPUT_TOKENS.values())
     return -(-GPT_IMAGE_OUTPUT_TOKENS["1024x1024"][quality] * width * height // _BASE_AREA)
+
+
+def input_image_tokens(images: int, per_image: int | None = None) -> int:
+    """Input image tokens to reserve for an edit's ``images`` uploaded images."""
+    return images * (DEFAULT_INPUT_IMAGE_TOKENS if per_image is None else per_image)
 
 
 def text_tokens(prompt: str) -> int:

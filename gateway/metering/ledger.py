@@ -27,17 +27,21 @@ import orjson
 
 from gateway.limits.limiter import SettledUsage
 from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.request import GENERATIONS, ROUTE_NAMES
 from gateway.redisdb.keys import RedisKeys
 
 # The billing schema, in CSV column order. Never a key, a prompt or a secret.
-FIELDS = ("request_id", "time", "user", "team", "key_id", "model", "size", "quality", "n", "stream",
+FIELDS = ("request_id", "time", "user", "team", "key_id", "route", "model", "size", "quality", "n", "stream",
           "status", "input_tokens", "input_text_tokens", "input_image_tokens", "output_tokens",
           "total_tokens", "images", "usd", "latency_ms", "incomplete", "client_gone")
 _INTS = frozenset({"n", "status", "input_tokens", "input_text_tokens", "input_image_tokens", "output_tokens",
                    "total_tokens", "images", "latency_ms"})
 _BOOLS = frozenset({"stream", "incomplete", "client_gone"})
 _OPTIONAL = frozenset({"team", "size", "quality"})  # "" in the stream and CSV, null in JSONL
-TOTAL_FIELDS = ("requests", "images", "input_tokens", "output_tokens", "total_tokens")
+TOTAL_FIELDS = ("requests", "images", "input_tokens", "input_text_tokens", "input_image_tokens", "output_tokens",
+                "total_tokens")
+# Records written before edits existed carry no route: they were all generations.
+_DEFAULTS = {"route": ROUTE_NAMES[GENERATIONS]}
 SKEW_MS = 5 * 60_000  # tolerated clock difference between gateway hosts and Redis
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -69,7 +73,8 @@ def build_record(exchange: Exchange, usage: SettledUsage, latency_ms: int) -> di
     p, req = exchange.principal, exchange.request
     values: dict[str, Any] = {
         "request_id": exchange.request_id, "time": iso_ms(exchange.started_ms), "user": p.user,
-        "team": p.team or "", "key_id": p.key_id, "model": req.model, "size": req.size or "",
+        "team": p.team or "", "key_id": p.key_id, "route": ROUTE_NAMES.get(exchange.route, exchange.route),
+        "model": req.model, "size": req.size or "",
         "quality": req.quality or "", "n": req.n, "stream": bool(req.stream), "status": exchange.status,
         "input_tokens": usage.input_text_tokens + usage.input_image_tokens,
         "input_text_tokens": usage.input_text_tokens, "input_image_tokens": usage.input_image_tokens,
@@ -95,7 +100,7 @@ def decode_record(fields: Mapping[Any, Any]) -> dict[str, Any]:
     raw = {_text(k): _text(v) for k, v in fields.items()}
     out: dict[str, Any] = {}
     for name in FIELDS:
-        value = raw.get(name, "")
+        value = raw.get(name, _DEFAULTS.get(name, ""))
         if name in _INTS:
             out[name] = int(value or 0)
         elif name in _BOOLS:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.config import ModelConfig
-from gateway.metering.estimates import output_tokens_per_image, text_tokens
+from gateway.metering.estimates import input_image_tokens, output_tokens_per_image, text_tokens
 from gateway.pipeline.request import ImageRequest
 from gateway.upstream.observe import Usage
 
@@ -43,8 +43,10 @@ def estimate(model: ModelConfig, request: ImageRequest) -> Estimate:
     """Tokens, images and cost to reserve for ``request`` (``auto`` resolves to the dearest choice)."""
     if model.family == "gpt-image" or (model.family is None and model.per_image is None):
         out = output_tokens_per_image(request.size, request.quality, model.output_tokens) * request.n
-        usage = Usage(input_text_tokens=text_tokens(request.prompt), output_tokens=out, images=request.n)
-        usage.total_tokens = usage.input_text_tokens + out
+        images_in = input_image_tokens(request.input_images, model.input_image_tokens_per_image)
+        usage = Usage(input_text_tokens=text_tokens(request.prompt), input_image_tokens=images_in,
+                      output_tokens=out, images=request.n)
+        usage.total_tokens = usage.input_text_tokens + images_in + out
     else:
         usage = Usage(images=request.n)
     return Estimate(tokens=usage.total_tokens, images=request.n, usd_micros=cost_micros(model, request, usage))

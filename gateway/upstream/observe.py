@@ -3,7 +3,7 @@
 ``JsonUsageScanner`` finds the top-level ``usage`` object and counts ``data`` entries of
 an images response incrementally, jumping over megabytes of base64 in C (``re.search``)
 instead of parsing them. ``SseUsageParser`` splits an SSE stream into events and sums
-the usage of ``image_generation.completed`` events.
+the usage of ``image_generation.completed`` and ``image_edit.completed`` events.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ _STRUCT = re.compile(rb'["{}\[\],:]')
 # counters they would overflow half way through a settlement.
 USAGE_MAX = 10**12
 COMPLETED = "image_generation.completed"
+COMPLETED_EVENTS = frozenset({COMPLETED, "image_edit.completed"})
+_COMPLETED_NAMES = frozenset(name.encode() for name in COMPLETED_EVENTS)
 
 
 @dataclass(slots=True)
@@ -235,14 +237,14 @@ class SseUsageParser:
         if name == b"error":
             self.error = _loads(payload)
             return
-        if name and name != COMPLETED.encode():
+        if name and name not in _COMPLETED_NAMES:
             return
         scanner = JsonUsageScanner(("type", "usage"))
         scanner.feed(payload)
         kind = scanner.value("type")
         if kind == "error":
             self.error = _loads(payload)
-        elif kind == COMPLETED or (name and kind is None):
+        elif kind in COMPLETED_EVENTS or (name and kind is None):
             self.completed += 1
             self.usage.images += 1
             self.usage.add_openai(scanner.value("usage"))
@@ -256,7 +258,7 @@ def _skippable(buf: bytearray) -> bool:
     if line_end < 0:
         return False
     name = bytes(buf[6:line_end]).strip()
-    return name not in (COMPLETED.encode(), b"error")
+    return name not in _COMPLETED_NAMES and name != b"error"
 
 
 def _event_boundary(buf: bytearray, start: int) -> tuple[int, int]:

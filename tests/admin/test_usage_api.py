@@ -54,6 +54,7 @@ async def test_totals_of_a_day_and_a_month(gateway: Service, redis_url: str) -> 
     r = get(gateway, "/admin/usage", user="alice", period=DAY)
     assert r.status_code == 200
     assert r.json() == {"user": "alice", "period": DAY, "requests": 3, "images": 3, "input_tokens": 30,
+                        "input_text_tokens": 21, "input_image_tokens": 9,
                         "output_tokens": 3 * 4160, "total_tokens": 3 * 4170, "usd": usd_text(3 * USAGE.usd_micros)}
     assert get(gateway, "/admin/usage", user="bob", period=DAY[:7]).json()["requests"] == 1
     nobody = get(gateway, "/admin/usage", user="nobody", period=DAY).json()

@@ -35,7 +35,7 @@ from gateway.metering.ledger import (
 from gateway.metering.metrics import Metrics
 from gateway.metering.settle_queue import Settlement, SettleQueue, Spool, unmetered_admission
 from gateway.pipeline.exchange import Exchange
-from gateway.pipeline.request import ImageRequest
+from gateway.pipeline.request import EDITS, ImageRequest
 from gateway.redisdb.client import open_redis
 from gateway.redisdb.keys import RedisKeys
 from tests.support.procs import RedisServer
@@ -99,11 +99,21 @@ def test_record_has_exactly_the_schema_and_no_secret() -> None:
     typed = decode_record({k.encode(): v.encode() for k, v in record.items()})
     assert typed == {
         "request_id": "req1", "time": iso_ms(T0), "user": "alice", "team": "art",
-        "key_id": "k_1234", "model": "gpt-image-1", "size": "1024x1024", "quality": "high", "n": 1,
+        "key_id": "k_1234", "route": "generations", "model": "gpt-image-1", "size": "1024x1024",
+        "quality": "high", "n": 1,
         "stream": True, "status": 200, "input_tokens": 10, "input_text_tokens": 7, "input_image_tokens": 3,
         "output_tokens": 4160, "total_tokens": 4170, "images": 1, "usd": "0.166465", "latency_ms": 1500,
         "incomplete": True, "client_gone": True}
     assert "secret" not in str(record)
+
+
+def test_an_edit_is_recorded_as_route_edits_and_old_records_read_as_generations() -> None:
+    ex = exchange("req2")
+    ex.route = EDITS
+    record = build_record(ex, USAGE, 1)
+    assert record["route"] == "edits"
+    del record["route"]  # a record written before edits existed
+    assert decode_record(record)["route"] == "generations"
 
 
 def test_csv_row_quotes_and_nulls() -> None:
@@ -111,7 +121,7 @@ def test_csv_row_quotes_and_nulls() -> None:
     record = decode_record(build_record(exchange("r,1"), USAGE, 1))
     record["team"] = None
     row = csv_record(record).decode()
-    assert row == (f'"r,1",{iso_ms(T0)},alice,,k_1234,gpt-image-1,1024x1024,high,1,false,200,'
+    assert row == (f'"r,1",{iso_ms(T0)},alice,,k_1234,generations,gpt-image-1,1024x1024,high,1,false,200,'
                    '10,7,3,4160,4170,1,0.166465,1,false,false\r\n')
     assert next(csv.reader(io.StringIO(row)))[0] == "r,1"
 
@@ -152,6 +162,7 @@ async def test_export_pages_filters_on_time_and_merges_users(client: Redis) -> N
     assert sorted(only_bob) == [f"b{i}" for i in range(7)]
     totals = await period_totals(client, KEYS, "alice", DAY)
     assert totals == {"user": "alice", "period": DAY, "requests": 7, "images": 7, "input_tokens": 70,
+                          "input_text_tokens": 49, "input_image_tokens": 21,
                       "output_tokens": 7 * 4160, "total_tokens": 7 * 4170, "usd": usd_text(7 * 166_465)}
     month = await period_totals(client, KEYS, "alice", utc_periods(T0).month)
     assert month["requests"] == 7 + (utc_periods(T0 - day).month == utc_periods(T0).month)

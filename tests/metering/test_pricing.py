@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from gateway.config import ModelConfig
+from gateway.config import ModelConfig, parse_settings
+from gateway.metering.estimates import DEFAULT_INPUT_IMAGE_TOKENS, text_tokens
 from gateway.metering.pricing import cost_micros, estimate
-from gateway.pipeline.request import ImageRequest
+from gateway.pipeline.request import EDITS, ImageRequest, validate_image_request
 from gateway.upstream.observe import Usage
 
 GPT = ModelConfig(name="gpt-image-1", family="gpt-image", input_text_per_1m=5.0, input_image_per_1m=10.0,
@@ -47,3 +48,30 @@ def test_estimate_of_auto_quality_reserves_for_high() -> None:
 def test_estimate_of_a_per_image_model_reserves_its_price() -> None:
     est = estimate(DALLE3, request("dall-e-3", quality="hd", size="1024x1024"))
     assert (est.tokens, est.images, est.usd_micros) == (0, 1, 80_000)
+
+
+# --- edits: input images reserved per image ---------------------------------------------------------
+
+PRICES = {"input_text_per_1m": 5.0, "input_image_per_1m": 10.0, "output_per_1m": 40.0}
+
+
+def test_an_edit_reserves_input_image_tokens_per_image() -> None:
+    settings = parse_settings({"models": {"gpt-image-1": PRICES,
+                                          "gpt-image-2": {**PRICES, "input_image_tokens_per_image": 100}}}, env={})
+    body = {"prompt": "p", "size": "1024x1024", "quality": "low"}
+    generation = estimate(settings.models["gpt-image-1"], validate_image_request(body, settings))
+    edit = estimate(settings.models["gpt-image-1"],
+                    validate_image_request(body, settings, route=EDITS, input_images=3))
+    assert edit.tokens - generation.tokens == 3 * DEFAULT_INPUT_IMAGE_TOKENS
+    assert edit.usd_micros - generation.usd_micros == 3 * DEFAULT_INPUT_IMAGE_TOKENS * 10
+    configured = estimate(settings.models["gpt-image-2"], validate_image_request(
+        {**body, "model": "gpt-image-2"}, settings, route=EDITS, input_images=3))
+    assert configured.tokens == text_tokens("p") + 300 + 272
+
+
+def test_a_per_image_priced_edit_reserves_its_images_only() -> None:
+    settings = parse_settings({"models": {"dall-e-2": {"per_image": {"standard-1024x1024": 0.02}}}}, env={})
+    request = validate_image_request({"prompt": "p", "model": "dall-e-2", "n": 2}, settings, route=EDITS,
+                                     input_images=1)
+    reserved = estimate(settings.models["dall-e-2"], request)
+    assert (reserved.tokens, reserved.images, reserved.usd_micros) == (0, 2, 40_000)

@@ -97,3 +97,14 @@ def test_out_of_range_usage_is_clamped_and_the_total_kept_consistent(
     got = (usage.input_text_tokens, usage.input_image_tokens, usage.output_tokens, usage.total_tokens)
     assert got == expected
     assert all(0 <= v <= 2 * USAGE_MAX for v in got)
+
+
+def test_sse_parser_counts_edit_events_as_generation_events() -> None:
+    partial = {"type": "image_edit.partial_image", "b64_json": "P" * 1000, "partial_image_index": 0}
+    done = {"type": "image_edit.completed", "b64_json": "C", "usage": USAGE}
+    parser = SseUsageParser()
+    parser.feed(_event("image_edit.partial_image", partial, b"\n") + _event("image_edit.completed", done, b"\n"))
+    parser.feed(b'data: {"type": "image_edit.completed", "usage": {"input_tokens": 1, "output_tokens": 2}}\n\n')
+    parser.close()
+    assert (parser.events, parser.completed, parser.usage.images) == (3, 2, 2)
+    assert parser.usage.input_image_tokens == 3 and parser.usage.total_tokens == 4172 + 3
