@@ -15,6 +15,7 @@ from gateway.devtools import fake_images
 from gateway.metering import estimates
 
 DALL_E = ("dall-e-2", "dall-e-3")
+INPUT_IMAGE_TOKENS = 323  # what the fake bills per image uploaded to an edit
 _SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 _ERRORS = {  # status -> (type, code) of OpenAI's error body
     400: ("invalid_request_error", "invalid_value"), 401: ("invalid_request_error", "invalid_api_key"),
@@ -101,6 +102,8 @@ class Plan:
     response_format: str
     partial_images: int
     stream: bool
+    input_images: int = 0  # an edit's uploaded images
+    kind: str = "image_generation"  # SSE event prefix: image_generation or image_edit
 
     @property
     def gpt_image(self) -> bool:
@@ -108,9 +111,10 @@ class Plan:
 
     def usage(self, images: int, with_input: bool = True) -> dict[str, Any]:
         text = estimates.text_tokens(self.prompt) if with_input else 0
+        image = INPUT_IMAGE_TOKENS * self.input_images if with_input else 0
         output = estimates.output_tokens_per_image(self.size, self.quality) * images
-        return {"input_tokens": text, "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
-                "output_tokens": output, "total_tokens": text + output}
+        return {"input_tokens": text + image, "input_tokens_details": {"text_tokens": text, "image_tokens": image},
+                "output_tokens": output, "total_tokens": text + image + output}
 
 
 def _choice(body: dict[str, Any], name: str, allowed: tuple[str, ...], default: str) -> str:
@@ -122,7 +126,17 @@ def _choice(body: dict[str, Any], name: str, allowed: tuple[str, ...], default: 
     return str(value)
 
 
-def plan_of(body: dict[str, Any]) -> Plan:
+def plan_of(body: dict[str, Any], input_images: int | None = None) -> Plan:
+    """The request as the fake 'generates' it; ``input_images`` given: an edit with that many images."""
+    plan = _plan_of(body)
+    if input_images is None:
+        return plan
+    if plan.model == "dall-e-3":
+        raise FakeError(400, "dall-e-3 does not support image edits.", "model")
+    return replace(plan, input_images=input_images, kind="image_edit")
+
+
+def _plan_of(body: dict[str, Any]) -> Plan:
     prompt, model, n = body.get("prompt"), body.get("model") or "dall-e-2", body.get("n", 1)
     if not isinstance(prompt, str) or not prompt:
         raise FakeError(400, "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
@@ -178,7 +192,7 @@ def events(plan: Plan, knobs: FakeOptions) -> Iterator[tuple[bytes, dict[str, An
     """(SSE bytes, usage, completed?) for each event: partial images, then the final image, per image."""
     def event(kind: str, index: int, partial: int = -1) -> dict[str, Any]:
         seed = fake_images.image_seed(plan.prompt, index, partial)
-        return {"type": f"image_generation.{kind}", "created_at": knobs.now(), "size": plan.size,
+        return {"type": f"{plan.kind}.{kind}", "created_at": knobs.now(), "size": plan.size,
                 "quality": plan.quality, "background": plan.background, "output_format": plan.output_format,
                 "b64_json": fake_images.encode_b64(plan.output_format, seed, knobs.pad_bytes)}
 

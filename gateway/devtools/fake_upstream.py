@@ -1,12 +1,14 @@
 """A local stand-in for TTAPI: OpenAI's image API with tiny real images, table usage and fault knobs.
 
-Routes: ``POST /v1/images/generations`` (``TT-API-KEY`` auth), ``GET /files/{name}`` (dall-e
+Routes: ``POST /v1/images/generations`` and ``/v1/images/edits`` (multipart; ``TT-API-KEY`` auth
+for both; an edit's files and fields are recorded in stats, see ``fake_edits``), ``GET /files/{name}`` (dall-e
 ``url`` results), ``GET /healthz``, ``GET /_fake/stats``, ``POST /_fake/reset``; else a 404.
 
 Usage (gpt-image models): output tokens per image from ``gateway.metering.estimates`` by size and
 quality (size ``auto`` is 1024x1024, quality ``auto`` is medium: what the image "came out"
 as, while the gateway reserves for high) times ``n``; input text tokens
-``estimates.text_tokens(prompt)``; input image tokens 0. A stream puts usage on its
+``estimates.text_tokens(prompt)``; input image tokens ``fake_answers.INPUT_IMAGE_TOKENS`` per
+uploaded image of an edit (0 for a generation). A stream (``image_edit.*`` events for an edit) puts usage on its
 ``image_generation.completed`` events: each has its own image's output tokens and the first
 also the input tokens, so they sum to the usage of the same request unstreamed.
 
@@ -34,6 +36,7 @@ from aiohttp import web
 
 from gateway.devtools import fake_images
 from gateway.devtools.fake_answers import FakeError, FakeOptions, Plan, events, json_body, knobs_of, plan_of
+from gateway.devtools.fake_edits import read_edit_form
 
 DEFAULT_PORT = 9090
 _FILE = re.compile(r"^([0-9a-f]{16})-(\d+)\.(png|jpeg|webp)$")
@@ -103,10 +106,18 @@ def _drop_connection(request: web.Request) -> None:
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, edit=False)
+
+
+async def edit(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, edit=True)
+
+
+async def _serve(request: web.Request, *, edit: bool) -> web.StreamResponse:
     stats = request.app[STATS]
     entry = stats.begin(request)
     try:
-        return await _generate(request, entry, stats)
+        return await _generate(request, entry, stats, edit)
     except FakeError as exc:
         stats.answered(entry, exc.status)
         return exc.response()
@@ -118,14 +129,23 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return web.Response()
 
 
-async def _generate(request: web.Request, entry: dict[str, Any], stats: Stats) -> web.StreamResponse:
-    options = request.app[OPTIONS]
+async def _read_json(request: web.Request, entry: dict[str, Any]) -> Any:
     raw = await request.read()
     entry["raw"] = raw.decode("utf-8", "replace")
-    try:  # parsed before the key check, so that stats show what a refused request carried
-        body = orjson.loads(raw)
+    try:
+        return orjson.loads(raw)
     except orjson.JSONDecodeError:
-        body = None
+        return None
+
+
+async def _generate(request: web.Request, entry: dict[str, Any], stats: Stats, edit: bool) -> web.StreamResponse:
+    options = request.app[OPTIONS]
+    # Read before the key check, so that stats show what a refused request carried.
+    input_images = None
+    if edit:
+        body, input_images = await read_edit_form(request, entry)
+    else:
+        body = await _read_json(request, entry)
     if isinstance(body, dict):
         entry["model"], entry["body"] = body.get("model"), body
     key = request.headers.get("TT-API-KEY", "")
@@ -136,7 +156,7 @@ async def _generate(request: web.Request, entry: dict[str, Any], stats: Stats) -
     if not isinstance(body, dict):
         raise FakeError(400, "We could not parse the JSON body of your request (a JSON object).")
     knobs = knobs_of(body.get("fake"), options)
-    plan = plan_of(body)
+    plan = plan_of(body, input_images)
     stats.model(plan.model)["requests"] += 1
     if knobs.hang:
         await asyncio.Future()  # cancelled when the client goes away (handler_cancellation)
@@ -226,6 +246,7 @@ def create_app(options: FakeOptions | None = None) -> web.Application:
     app[STATS] = Stats()
     app[GATES] = {}
     app.router.add_post("/v1/images/generations", generate)
+    app.router.add_post("/v1/images/edits", edit)
     app.router.add_get("/files/{name}", download)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/_fake/stats", stats_view)

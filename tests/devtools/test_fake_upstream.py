@@ -11,7 +11,6 @@ import io
 import json
 import signal
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -29,26 +28,6 @@ KEY = "tt-test-key"
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 TIMEOUT = httpx.Timeout(30)
 USAGE_KEYS = ("input_text_tokens", "input_image_tokens", "output_tokens", "total_tokens", "images")
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Service]:
-    service = start_fake_upstream(KEY, "--key", "tt-second,tt-third", "--refuse-key", "tt-refused")
-    yield service
-    service.stop()
-
-
-@pytest.fixture
-def upstream(fake: Service) -> Service:
-    """The module's fake process with its stats zeroed."""
-    httpx.post(fake.url + "/_fake/reset").raise_for_status()
-    return fake
-
-
-@pytest.fixture
-def client(upstream: Service) -> Iterator[openai.OpenAI]:
-    with sdk(upstream.url) as c:
-        yield c
 
 
 def sdk(url: str, key: str = KEY) -> openai.OpenAI:
@@ -403,7 +382,7 @@ def test_stats_reconcile_with_what_was_returned(client: openai.OpenAI, upstream:
 
 
 def test_unknown_routes_are_openai_404s(upstream: Service) -> None:
-    routes = (("GET", "/v1/nope"), ("GET", "/v1/images/generations"), ("POST", "/v1/images/edits"))
+    routes = (("GET", "/v1/nope"), ("GET", "/v1/images/generations"), ("POST", "/v1/images/variations"))
     for method, path in routes:
         response = httpx.request(method, upstream.url + path)
         assert response.status_code == 404

@@ -1,0 +1,32 @@
+"""The fake upstream process shared by the devtools tests of one module, its stats zeroed per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.devtools.test_fake_upstream import KEY, sdk
+from tests.support.procs import Service, start_fake_upstream
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[Service]:
+    service = start_fake_upstream(KEY, "--key", "tt-second,tt-third", "--refuse-key", "tt-refused")
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def upstream(fake: Service) -> Service:
+    """The module's fake process with its stats zeroed."""
+    httpx.post(fake.url + "/_fake/reset").raise_for_status()
+    return fake
+
+
+@pytest.fixture
+def client(upstream: Service) -> Iterator[openai.OpenAI]:
+    with sdk(upstream.url) as c:
+        yield c
