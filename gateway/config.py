@@ -20,16 +20,6 @@ from gateway.imagestore.settings import StorageSettings
 from gateway.validators import LIMIT_MAX, check_number, control_free, valid_name
 from gateway.validators import ConfigError as ConfigError  # re-exported: the config's error
 
-LIMIT_NAMES = (
-    "requests_per_minute",
-    "images_per_minute",
-    "max_concurrent_requests",
-    "tokens_per_day",
-    "tokens_per_month",
-    "images_per_day",
-    "images_per_month",
-    "usd_per_month",
-)
 DEFAULT_MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1", "dall-e-2", "dall-e-3")
 FAMILIES = ("gpt-image", "dall-e-2", "dall-e-3")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -62,6 +52,9 @@ class Limits:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+LIMIT_NAMES = tuple(f.name for f in fields(Limits))  # in the order of the fields above
 
 
 @dataclass(frozen=True)
