@@ -75,6 +75,7 @@ class ModelConfig:
     output_per_1m: float | None = None
     per_image: Mapping[str, float] | None = None  # "quality-size" -> usd, e.g. "hd-1024x1024"
     output_tokens: Mapping[str, int] | None = None  # "quality-size" -> estimate override
+    input_image_tokens_per_image: int | None = None  # an edit's reservation per input image; None: default
 
     @property
     def priced(self) -> bool:
@@ -156,6 +157,7 @@ class Settings:
     plans: Mapping[str, Plan] = field(default_factory=dict)
     keys: tuple[StaticKey, ...] = ()
     max_body_bytes: int = 1024 * 1024
+    max_edit_body_bytes: int = 64 * 1024 * 1024  # a whole multipart edit, files included
     admin_token: str | None = None  # from GATEWAY_ADMIN_TOKEN only
 
     def plan(self, name: str) -> Plan:
@@ -167,7 +169,7 @@ class Settings:
 # --- parsing -----------------------------------------------------------------------------------
 
 _TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "default_model", "models", "plans", "keys",
-             "max_body_bytes"}
+             "max_body_bytes", "max_edit_body_bytes"}
 
 
 def _mapping(value: Any, key: str) -> Mapping[str, Any]:
@@ -251,7 +253,8 @@ def _models(raw: Any) -> dict[str, ModelConfig]:
     for name, spec in data.items():
         key = f"models.{name}"
         spec = _mapping(spec, key)
-        _check_known(spec, price_keys | {"per_image", "family", "output_tokens"}, key)
+        _check_known(spec, price_keys | {"per_image", "family", "output_tokens", "input_image_tokens_per_image"},
+                     key)
         family = spec.get("family", family_of(str(name)))
         if family is not None and family not in FAMILIES:
             raise ConfigError(f"{key}.family", f"must be one of {', '.join(FAMILIES)}, got {family!r}")
@@ -264,8 +267,10 @@ def _models(raw: Any) -> dict[str, ModelConfig]:
         if "output_tokens" in spec:
             tokens = {str(k): check_number(v, f"{key}.output_tokens.{k}", integer=True)
                       for k, v in _mapping(spec["output_tokens"], f"{key}.output_tokens").items()}
+        per_input_image = check_number(spec.get("input_image_tokens_per_image"),
+                                       f"{key}.input_image_tokens_per_image", integer=True, allow_none=True)
         out[str(name)] = ModelConfig(name=str(name), family=family, per_image=per_image, output_tokens=tokens,
-                                     **prices)
+                                     input_image_tokens_per_image=per_input_image, **prices)
     return out
 
 
@@ -366,6 +371,8 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
         plans=plans,
         keys=_keys(raw.get("keys"), plans, models),
         max_body_bytes=max_body,
+        max_edit_body_bytes=check_number(raw.get("max_edit_body_bytes", 64 * 1024 * 1024), "max_edit_body_bytes",
+                                         integer=True, minimum=1024),
         admin_token=env.get("GATEWAY_ADMIN_TOKEN") or None,
     )
 

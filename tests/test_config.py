@@ -50,6 +50,9 @@ def test_environment_overrides_and_secrets() -> None:
     ({"keys": [{"user": "u", "sha256": "a" * 64}, {"user": "v", "sha256": "A" * 64}]}, "keys[1].sha256",
      "duplicates"),
     ({"surprise": 1}, "surprise", "unknown key"),
+    ({"max_edit_body_bytes": 10}, "max_edit_body_bytes", ">= 1024"),
+    ({"models": {"gpt-image-1": {"input_image_tokens_per_image": 1.5}}},
+     "models.gpt-image-1.input_image_tokens_per_image", "integer"),
 ])
 def test_bad_config_names_the_key_and_the_reason(raw: dict[str, object], key: str, reason: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -19,15 +19,16 @@ from gateway.config import Settings, load_settings
 from gateway.console.routes import CONSOLE_ROUTES
 from gateway.errors import GatewayError
 from gateway.http import system
-from gateway.http.images import create_image
+from gateway.http.images import create_image, edit_image
 from gateway.http.middleware import RequestIdMiddleware
 from gateway.metering.metrics import Metrics
 from gateway.pipeline.gateway import open_gateway
-from gateway.pipeline.request import GENERATIONS
+from gateway.pipeline.request import EDITS, GENERATIONS
 from gateway.tasks import drain_background_tasks
 
 ROUTES = [
     Route(GENERATIONS, create_image, methods=["POST"]),
+    Route(EDITS, edit_image, methods=["POST"]),
     Route("/v1/models", system.list_models, methods=["GET"]),
     Route("/healthz", system.healthz, methods=["GET"]),
     Route("/readyz", system.readyz, methods=["GET"]),

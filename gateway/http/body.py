@@ -27,11 +27,15 @@ async def read_body(request: Request, limit: int) -> bytes:
                 raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes.")
             parts.append(chunk)
     except ClientDisconnect:
-        # Routine on a busy gateway (timeouts, cancelled uploads): one INFO line, never a traceback.
-        log.info("client disconnected mid-upload after %d bytes (request %s)", size,
-                 request.scope.get("request_id", "-"))
-        raise ClientGone("The client disconnected before its request body arrived.") from None
+        raise client_gone(request, size) from None
     return b"".join(parts)
+
+
+def client_gone(request: Request, size: int) -> ClientGone:
+    """The error for a client that disconnected after ``size`` bytes of its body, logged in one line."""
+    # Routine on a busy gateway (timeouts, cancelled uploads): one INFO line, never a traceback.
+    log.info("client disconnected mid-upload after %d bytes (request %s)", size, request.scope.get("request_id", "-"))
+    return ClientGone("The client disconnected before its request body arrived.")
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

@@ -6,11 +6,16 @@ import orjson
 from starlette.requests import Request
 
 from gateway.auth.authenticator import Principal
+from gateway.errors import GatewayError
 from gateway.http.body import parse_json_object, read_body
 from gateway.http.context import gateway_of, received_of, request_id_of
+from gateway.http.form import read_form
+from gateway.pipeline.edit_rules import validate_edit
 from gateway.pipeline.lifecycle import Arrival, Prepared, handle
 from gateway.pipeline.onbehalf import upstream_user
-from gateway.pipeline.request import GENERATIONS, validate_image_request
+from gateway.pipeline.request import EDITS, GENERATIONS, validate_image_request
+from gateway.upstream.client import EDITS_PATH
+from gateway.upstream.form_body import FormBody
 
 
 def arrival_of(request: Request, route: str) -> Arrival:
@@ -32,3 +37,23 @@ async def create_image(request: Request) -> object:
         return Prepared(image, orjson.dumps(data))
 
     return await handle(gw, arrival_of(request, GENERATIONS), prepare)
+
+
+async def edit_image(request: Request) -> object:
+    """``POST /v1/images/edits``: a multipart form, its files spooled and forwarded byte for byte (SPEC §2.1)."""
+    gw = gateway_of(request)
+
+    async def prepare(principal: Principal) -> Prepared:
+        form = await read_form(request, gw.settings.max_edit_body_bytes)
+        try:
+            image = validate_edit(form.fields, form.files, gw.settings)
+        except GatewayError:
+            form.close()
+            raise
+        # The validated fields, as for generations: the model applied, the user made opaque.
+        fields = [(name, upstream_user(principal.user) if name == "user" else value) for name, value in form.fields]
+        if image.model_defaulted:
+            fields.append(("model", image.model))
+        return Prepared(image, FormBody(fields, form.files), path=EDITS_PATH)
+
+    return await handle(gw, arrival_of(request, EDITS), prepare)

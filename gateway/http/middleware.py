@@ -8,7 +8,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.http.context import stamp
 from gateway.metering.metrics import Metrics
-from gateway.pipeline.request import GENERATIONS
+from gateway.pipeline.request import ROUTE_NAMES
 
 
 class RequestIdMiddleware:
@@ -31,9 +31,10 @@ class RequestIdMiddleware:
                     headers.append(header)
             await send(message)
 
-        if scope["path"] == GENERATIONS:
+        path = scope["path"]
+        if path in ROUTE_NAMES:
             metrics = self.metrics_of()
-            inflight = metrics.child(metrics.inflight, GENERATIONS)
+            inflight = metrics.child(metrics.inflight, path)
         else:
             inflight = None
         if inflight is None:

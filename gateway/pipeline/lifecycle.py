@@ -25,7 +25,8 @@ from gateway.pipeline.gateway import Gateway
 from gateway.pipeline.onbehalf import upstream_idempotency_key
 from gateway.pipeline.request import ImageRequest
 from gateway.tasks import spawn
-from gateway.upstream.client import UpstreamReply
+from gateway.upstream.client import GENERATIONS_PATH, UpstreamReply
+from gateway.upstream.form_body import FormBody
 from gateway.upstream.relay import ChunksResponse, StreamRelayResponse, read_json_reply
 
 Headers = list[tuple[bytes, bytes]]
@@ -49,7 +50,13 @@ class Prepared:
     """A validated request, ready to be admitted: what limits and metering need, and what goes upstream."""
 
     image: ImageRequest
-    body: bytes
+    body: bytes | FormBody  # the client's JSON bytes, or an edit's form streamed from its spool
+    path: str = GENERATIONS_PATH  # the upstream route
+
+    def release(self) -> None:
+        """Free what the body holds (an edit's spooled files) once the upstream has it, or never will."""
+        if isinstance(self.body, FormBody):
+            self.body.close()
 
 
 Prepare = Callable[[Principal], Awaitable[Prepared]]
@@ -60,6 +67,7 @@ async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare) -> Any:
     rid = arrival.request_id
     model_label = "-"
     principal = None
+    prepared: Prepared | None = None
     try:
         principal = await gw.authenticate(arrival.request)
         prepared = await prepare(principal)
@@ -71,17 +79,19 @@ async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare) -> Any:
                             started_ms=arrival.received_ms)
         limit_headers = await admit(gw, exchange)
     except GatewayError as err:
+        if prepared is not None:
+            prepared.release()
         gw.meter.refused(arrival.route, model_label, err, principal)
         return err.to_response(rid)
-    return await call_upstream(gw, exchange, prepared.body, arrival.request, limit_headers)
+    return await call_upstream(gw, exchange, prepared, arrival.request, limit_headers)
 
 
-async def call_upstream(gw: Gateway, exchange: Exchange, body: bytes, request: Request,
+async def call_upstream(gw: Gateway, exchange: Exchange, prepared: Prepared, request: Request,
                         limit_headers: Headers) -> Any:
     """Send an admitted request upstream in a shielded task; the client gets its relay."""
     headers: Headers = [(b"x-request-id", exchange.request_id.encode()), *limit_headers]
     timeout = gw.settings.upstream.timeout_seconds
-    task = spawn(forward(gw, exchange, body, request, headers, limit_headers))
+    task = spawn(forward(gw, exchange, prepared, request, headers, limit_headers))
     try:
         outcome = await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -104,7 +114,7 @@ def _drain_orphaned_stream(task: asyncio.Task[Any], gw: Gateway, exchange: Excha
         spawn(StreamRelayResponse(exchange, task.result(), [], gw.meter.finish, timeout).drain_and_finish())
 
 
-async def forward(gw: Gateway, exchange: Exchange, body: bytes, request: Request, headers: Headers,
+async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: Request, headers: Headers,
                   limit_headers: Headers) -> Any:
     """The upstream call of an admitted request; finished (settled) exactly once unless it is a stream.
 
@@ -115,7 +125,11 @@ async def forward(gw: Gateway, exchange: Exchange, body: bytes, request: Request
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key is not None:
             idempotency_key = upstream_idempotency_key(exchange.principal.user, idempotency_key)
-        reply = await gw.upstream.send(body, request.headers, rid, idempotency_key=idempotency_key)
+        try:
+            reply = await gw.upstream.send(prepared.body, request.headers, rid, idempotency_key=idempotency_key,
+                                           path=prepared.path)
+        finally:
+            prepared.release()
         if reply.is_event_stream:
             return reply
         chunks = await read_json_reply(exchange, reply, gw.settings.upstream.timeout_seconds)
