@@ -23,8 +23,10 @@ from pathlib import Path
 import yaml
 
 from gateway.config import key_digest
+from gateway.devtools import fake_images
 
 DEMO_UPSTREAM_KEY = "demo-ttapi-key"
+SAMPLE = "sample.png"  # a small picture written into the demo's directory for the edit examples
 
 
 def _free_port() -> int:
@@ -116,6 +118,7 @@ def run_demo(args: argparse.Namespace) -> int:
                                     args.host, "--port", str(args.port)], env)
         _wait_http(f"http://127.0.0.1:{args.port}/healthz", gateway, "gateway")
         console = console_link(f"http://127.0.0.1:{args.port}", env["GATEWAY_ADMIN_TOKEN"])
+        (workdir / SAMPLE).write_bytes(fake_images.encode("png", b"demo-img"))  # for the edit examples
         print(_banner(args.port, key, env["GATEWAY_ADMIN_TOKEN"], redis_bin, upstream_note, workdir, console),
               flush=True)
         while all(p.poll() is None for _, p in procs):
@@ -149,6 +152,7 @@ def console_link(base: str, admin: str) -> str:
 
 def _banner(port: int, key: str, admin: str, redis_bin: str, upstream: str, workdir: Path, console: str) -> str:
     base = f"http://127.0.0.1:{port}"
+    sample = workdir / SAMPLE
     return f"""
 Image gateway demo is running on {base}
   upstream: {upstream}
@@ -163,6 +167,8 @@ Admin console:              {console}
 curl:
   curl -s {base}/v1/images/generations -H "Authorization: Bearer {key}" \\
     -H "Content-Type: application/json" -d '{{"model": "gpt-image-1", "prompt": "a lighthouse at dusk"}}'
+  curl -s {base}/v1/images/edits -H "Authorization: Bearer {key}" \\
+    -F model=gpt-image-1 -F prompt="add a red hat" -F "image[]=@{sample}"
 
 Python (pip install openai):
   from openai import OpenAI
@@ -171,6 +177,8 @@ Python (pip install openai):
   print(img.usage)
   for event in client.images.generate(model="gpt-image-1", prompt="a lighthouse", stream=True, partial_images=2):
       print(event.type)
+  edit = client.images.edit(model="gpt-image-1", prompt="add a red hat", image=open("{sample}", "rb"))
+  print(edit.usage)
 
 Ctrl-C stops everything.
 """

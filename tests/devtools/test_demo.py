@@ -56,6 +56,18 @@ def test_demo_serves_the_python_sdk_streaming_and_not(demo: tuple[str, str, str]
     assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
 
 
+def test_demo_prints_a_working_edit_example(demo: tuple[str, str, str]) -> None:
+    url, key, text = demo
+    assert f"{url}/v1/images/edits" in text
+    sample = re.search(r'image=open\("([^"]+)", "rb"\)', text)
+    assert sample is not None, text
+    assert f"image[]=@{sample.group(1)}" in text  # the curl line uploads the same file
+    client = openai.OpenAI(base_url=url + "/v1", api_key=key)
+    with open(sample.group(1), "rb") as image:
+        edit = client.images.edit(model="gpt-image-1", prompt="add a red hat", image=image)
+    assert edit.data and edit.usage is not None and edit.usage.input_tokens_details.image_tokens > 0
+
+
 def test_demo_prints_a_one_time_console_link_without_the_admin_token(demo: tuple[str, str, str]) -> None:
     url, _, text = demo
     link = re.search(r"Admin console: +(\S+)", text)
