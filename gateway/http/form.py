@@ -21,6 +21,9 @@ from gateway.upstream.form_body import FilePart
 
 SPOOL_MEMORY_BYTES = 1 << 20  # a file beyond this is spooled to temporary disk
 TEXT_FIELD_MAX_BYTES = 1 << 20  # a prompt is at most 32000 characters: a bigger text field is a mistake
+# 16 images, a mask and a score of fields fit many times over; the cap keeps a body of a million
+# empty parts from costing a million Python objects.
+MAX_PARTS = 100
 
 
 @dataclass(slots=True)
@@ -41,6 +44,7 @@ class _Collector:
     def __init__(self, form: Form) -> None:
         self.form = form
         self.ended = False
+        self.parts = 0
         self._headers: dict[bytes, bytes] = {}
         self._header_name = b""
         self._header_value = b""
@@ -55,6 +59,9 @@ class _Collector:
                 "on_part_end": self.part_end, "on_end": self.end}
 
     def part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise InvalidRequest(f"A form may have at most {MAX_PARTS} fields and files.")
         self._headers = {}
         self._header_name = self._header_value = b""
 

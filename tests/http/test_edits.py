@@ -10,6 +10,7 @@ import base64
 import hashlib
 import io
 import socket
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -183,6 +184,12 @@ def test_bad_edits_are_refused_before_reaching_upstream(gateway: Service, stats:
                                                                               "missing_required_parameter")
     not_multipart = httpx.post(gateway.url + "/v1/images/edits", json={"prompt": "p"}, headers=AUTH)
     assert not_multipart.status_code == 400
+    many_parts = post_edit(gateway, [(f"x{i}", "") for i in range(200)], [_image()])
+    assert many_parts.status_code == 400 and "at most 100" in many_parts.json()["error"]["message"]
+    truncated = httpx.post(gateway.url + "/v1/images/edits",
+                           content=b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\np',
+                           headers={**AUTH, "content-type": "multipart/form-data; boundary=b"})
+    assert truncated.status_code == 400 and truncated.json()["error"]["type"] == "invalid_request_error"
     assert stats()["requests"] == 0
 
 
@@ -235,6 +242,21 @@ def metric(gateway: Service, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def test_an_edit_in_flight_is_counted_under_its_route(gateway: Service, stats: Any) -> None:
+    # The fake holds the answer 5 s (its latency knob, a form field the gateway passes on unchanged).
+    done = threading.Event()
+
+    def slow_edit() -> None:
+        post_edit(gateway, {"prompt": "p", "fake": '{"latency": 5}'}, [_image()])
+        done.set()
+
+    threading.Thread(target=slow_edit, daemon=True).start()
+    wait_until(lambda: metric(gateway, "gateway_inflight_requests", route="/v1/images/edits") == 1, "in flight")
+    assert metric(gateway, "gateway_inflight_requests", route="/v1/images/generations") == 0
+    assert done.wait(60)
+    assert metric(gateway, "gateway_inflight_requests", route="/v1/images/edits") == 0
 
 
 def test_input_image_tokens_reach_totals_records_and_metrics(gateway: Service, stats: Any) -> None:
