@@ -283,7 +283,9 @@ def _refusal(name: str, retry_ms: int, limits: Limits, periods: Periods) -> Rate
         amount = f"{limit:.2f}".rstrip("0").rstrip(".") if name == "usd_per_month" else str(limit)
         return QuotaExceeded(f"You exceeded your {name} quota ({amount} {_QUOTA_UNITS[name]}); "
                              f"it resets at {resets}.", limit_name=name)
-    retry_ms = max(retry_ms, 1)
+    # Requests are stamped when they arrive, so one admitted just after an earlier arrival can sit a few ms
+    # "in the future" of it: no per-minute limit ever needs a wait beyond its window.
+    retry_ms = min(max(retry_ms, 1), WINDOW_MS)
     if name == "max_concurrent_requests":
         what = f"{limit} requests in flight at once"
     else:

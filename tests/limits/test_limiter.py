@@ -173,6 +173,15 @@ async def test_window_is_exact_at_its_edge(limiter: Limiter) -> None:
     assert isinstance(exc, RateLimited) and exc.limit_name == "requests_per_minute"
 
 
+async def test_a_request_stamped_before_the_oldest_admission_waits_at_most_the_window(limiter: Limiter) -> None:
+    """Requests are stamped on arrival and admitted in another order: the wait never exceeds 60 s."""
+    limits = Limits(requests_per_minute=2)
+    for i in range(2):
+        await admit(limiter, limits, f"r{i}", T0 + 5)
+    exc = await refused(limiter, limits, "arrived-earlier", T0)
+    assert exc.headers == {"retry-after": "60", "retry-after-ms": "60000"}
+
+
 async def test_window_that_straddles_frees_exactly_the_old_entries(limiter: Limiter) -> None:
     limits = Limits(requests_per_minute=5)
     for i in range(3):
