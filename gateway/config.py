@@ -50,8 +50,8 @@ class Limits:
             return self
         return replace(self, **{k: v for k, v in overrides.items() if k in LIMIT_NAMES})
 
-    def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 
 
 LIMIT_NAMES = tuple(f.name for f in fields(Limits))  # in the order of the fields above
