@@ -145,6 +145,13 @@ class UsageSettings:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    max_header_bytes: int = 65536  # request line and headers; beyond it 431 (SPEC section 3)
+    header_timeout_seconds: float = 30.0  # to send complete headers; beyond it the connection is closed
+    keep_alive_seconds: float = 75.0  # idle keep-alive; longer than a proxy's (60 s), so it closes first
+
+
+@dataclass(frozen=True)
 class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
@@ -152,6 +159,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
     default_model: str | None = "gpt-image-1"
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     plans: Mapping[str, Plan] = field(default_factory=dict)
@@ -168,8 +176,8 @@ class Settings:
 
 # --- parsing -----------------------------------------------------------------------------------
 
-_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "default_model", "models", "plans", "keys",
-             "max_body_bytes", "max_edit_body_bytes"}
+_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "server", "default_model", "models",
+             "plans", "keys", "max_body_bytes", "max_edit_body_bytes"}
 
 
 def _mapping(value: Any, key: str) -> Mapping[str, Any]:
@@ -189,7 +197,8 @@ def _check_known(section: Mapping[str, Any], allowed: set[str], key: str) -> Non
 
 _POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "settle_queue_size",
              "pipeline_connections", "health_interval_seconds", "health_timeout_seconds", "health_failures",
-             "admission_queue", "admission_wait_seconds"}
+             "admission_queue", "admission_wait_seconds",
+             "max_header_bytes", "header_timeout_seconds", "keep_alive_seconds"}
 
 
 def _section(cls: type, raw: Any, key: str) -> Any:
@@ -366,6 +375,7 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
         auth=_section(AuthSettings, raw.get("auth"), "auth"),
         usage=usage,
         storage=_storage(raw.get("storage"), env),
+        server=_section(ServerSettings, raw.get("server"), "server"),
         default_model=default_model,
         models=models,
         plans=plans,

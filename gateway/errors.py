@@ -69,6 +69,22 @@ class ClientGone(GatewayError):
     code = "client_closed_request"
 
 
+class HeadersTooLarge(GatewayError):
+    """Request line and headers over ``server.max_header_bytes`` (answered by the HTTP protocol)."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
+class HeadersTimeout(GatewayError):
+    """Headers not complete within ``server.header_timeout_seconds`` (answered by the HTTP protocol)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class InvalidApiKey(GatewayError):
     status = 401
     type = "invalid_request_error"

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry, start_http_server, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway.config import ConfigError, load_settings
+from gateway.config import ConfigError, ServerSettings, load_settings
+from gateway.http.protocol import LimitedHttpToolsProtocol
 
 
 def prepare_multiprocess_dir(workers: int, separate_port: bool) -> None:
@@ -42,8 +45,15 @@ def serve(config: str | None, *, host: str, port: int, workers: int | None) -> i
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
         start_http_server(settings.metrics.port, addr=host, registry=registry)
+    protocol: Any = http_protocol(settings.server)  # uvicorn calls it like a protocol class
     uvicorn.run("gateway.http.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                loop="uvloop", http="httptools", lifespan="on", access_log=False, log_level="info",
+                loop="uvloop", http=protocol, ws="none", lifespan="on", access_log=False, log_level="info",
                 timeout_graceful_shutdown=int(os.environ.get("GATEWAY_GRACE_SECONDS", "120")),
-                backlog=4096, timeout_keep_alive=75)
+                backlog=4096, timeout_keep_alive=settings.server.keep_alive_seconds)  # type: ignore[arg-type]
     return 0
+
+
+def http_protocol(server: ServerSettings) -> functools.partial[LimitedHttpToolsProtocol]:
+    """httptools with the header limits of SPEC section 3 (a partial: uvicorn adds its own arguments)."""
+    return functools.partial(LimitedHttpToolsProtocol, max_header_bytes=server.max_header_bytes,
+                             header_timeout=server.header_timeout_seconds)

@@ -1,16 +1,26 @@
-"""``gateway serve``: config errors at start, metrics on a separate port, summed over workers."""
+"""``gateway serve``: config errors at start, metrics summed over workers, connection limits (SPEC section 3)."""
 
 from __future__ import annotations
 
 import hashlib
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.procs import free_port, start_fake_upstream, start_gateway, wait_until
+from tests.support.procs import (
+    RedisServer,
+    Service,
+    free_port,
+    running,
+    start_fake_upstream,
+    start_gateway,
+    wait_until,
+)
 
 KEY = "sk-igw-test_server-cccccccccccccccc"
 
@@ -48,3 +58,104 @@ def test_metrics_on_a_separate_port_sum_all_workers(workers: int, redis_url: str
     finally:
         gw.stop()
         fake.stop()
+
+
+# --- connections: header size and header time (SPEC section 3) ----------------------------------------
+
+HEAD = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n"
+SAFETY_TIMEOUT = 60  # only so a broken server fails the test instead of hanging it
+
+
+@pytest.fixture(scope="module")
+def limited(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """One gateway for the connection tests, its header timeout lowered to 1 s."""
+    cfg = {"server": {"header_timeout_seconds": 1}}
+    with running(start_gateway(cfg, {"REDIS_URL": redis_server.url}, tmp=tmp_path_factory.mktemp("limits"))) as gw:
+        yield gw
+
+
+def connect(gw: Service) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", gw.port))
+    sock.settimeout(SAFETY_TIMEOUT)
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """Status and body of one response (bodies here have a content-length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.lower().split(b"\r\n")
+    length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split(b" ")[1]), body
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_4_mib_header_is_refused_and_the_server_stays_responsive(limited: Service) -> None:
+    with connect(limited) as sock:
+        try:
+            sock.sendall(HEAD + b"X-Big: " + b"a" * (4 << 20) + b"\r\n\r\n")
+            answer = read_until_closed(sock)
+        except ConnectionResetError:
+            answer = b""  # refused before the client could send it all (the 431 may be lost to the reset)
+    if answer:
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert b'"code":"request_header_fields_too_large"' in answer
+    assert httpx.get(limited.url + "/healthz", timeout=SAFETY_TIMEOUT).json() == {"status": "ok"}
+
+
+def test_a_60_kib_header_passes(limited: Service) -> None:
+    r = httpx.get(limited.url + "/healthz", headers={"x-big": "a" * (60 << 10)}, timeout=SAFETY_TIMEOUT)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_keep_alive_serves_several_requests_and_each_head_is_limited(limited: Service) -> None:
+    with connect(limited) as sock:
+        for _ in range(3):
+            sock.sendall(HEAD + b"\r\n")
+            assert read_response(sock) == (200, b'{"status":"ok"}')
+        # Headers near the limit and a body in one send: the body is read as a body, not as headers.
+        body = b"x" * (200 << 10)
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: gateway\r\nX-Big: " + b"a" * (60 << 10)
+                     + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert read_response(sock)[0] == 401
+        sock.sendall(HEAD + b"\r\n")
+        assert read_response(sock) == (200, b'{"status":"ok"}')
+        # A later request on the same connection has the same limit.
+        sock.sendall(HEAD + b"X-Big: " + b"a" * (70 << 10) + b"\r\n\r\n")
+        status, body = read_response(sock)
+        assert status == 431 and b"request_header_fields_too_large" in body
+        assert read_until_closed(sock) == b""
+
+
+def test_half_sent_headers_are_closed_by_the_server(limited: Service) -> None:
+    with connect(limited) as sock:
+        sock.sendall(HEAD)  # no blank line: the headers never end
+        answer = read_until_closed(sock)  # returns once the server has closed the connection
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+
+
+def test_a_silent_connection_is_closed_by_the_server(limited: Service) -> None:
+    with connect(limited) as sock:
+        assert read_until_closed(sock) == b""
+
+
+def test_a_kept_alive_connection_that_starts_a_request_and_stalls_is_closed(limited: Service) -> None:
+    with connect(limited) as sock:
+        sock.sendall(HEAD + b"\r\n")
+        assert read_response(sock)[0] == 200
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")

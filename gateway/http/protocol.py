@@ -1,0 +1,110 @@
+"""uvicorn's httptools protocol with the SPEC's connection limits (section 3, "Connections").
+
+- Request line and headers over ``max_header_bytes``: 431 and the connection is closed.
+- Headers not complete ``header_timeout`` seconds after the connection opened, or after
+  the first byte of a later request on a kept-alive connection: closed (408 if part of a
+  request had arrived). Idle kept-alive connections stay governed by ``keep_alive_seconds``.
+
+Bytes are counted as they arrive, before httptools sees them: the parser joins a header
+value's pieces by concatenation until the value ends (quadratic in its size), so a count in
+``on_header`` would come too late. This subclasses uvicorn internals (``HttpToolsProtocol``'s
+``data_received``, ``on_message_begin``, ``on_headers_complete``, ``cycle``), hence the upper
+bound on uvicorn in pyproject.toml; tests/http/test_server.py fails if they change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from gateway.errors import GatewayError, HeadersTimeout, HeadersTooLarge
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """``HttpToolsProtocol`` that bounds the size and the arrival time of request headers."""
+
+    def __init__(self, *args: Any, max_header_bytes: int, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_header_bytes = max_header_bytes
+        self.header_timeout = header_timeout
+        self._in_head = True  # reading a request line and headers (not a body, not idle after one)
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._in_head:
+            super().data_received(data)
+            return
+        room = self.max_header_bytes - self._head_bytes
+        if len(data) <= room:
+            self._head_bytes += len(data)
+            super().data_received(data)
+            return
+        # Feed only what the limit allows: if the headers end inside it, the rest is body or a
+        # pipelined request, counted afresh.
+        super().data_received(data[:room])
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            self._refuse(HeadersTooLarge(f"Request headers exceed {self.max_header_bytes} bytes."))
+            return
+        self.data_received(data[room:])
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        if self._head_timer is None:  # a later request on a kept-alive connection
+            self._arm()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True  # what comes next on this connection is another request's head
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._disarm()
+        super().on_headers_complete()
+
+    def _arm(self) -> None:
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined request started while an answer is still on its way: that answer comes first.
+            self._arm()
+            return
+        if self._head_bytes:
+            self._refuse(HeadersTimeout(f"Request headers not complete within {self.header_timeout:g} s."))
+        else:
+            self.transport.close()
+
+    def _refuse(self, err: GatewayError) -> None:
+        """Answer ``err`` in OpenAI's shape and close (the request was never parsed whole)."""
+        body = orjson.dumps(err.body())
+        head = [STATUS_LINE[err.status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
+                 b"\r\nconnection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
