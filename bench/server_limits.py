@@ -17,10 +17,11 @@ import sys
 from typing import Any
 
 from bench.load import run_wrk
-from bench.procs import Proc, _http_ok, cpu_plan, free_port
+from bench.procs import Proc, _http_ok, cpu_plan, cpu_seconds, free_port
 from bench.report import fmt_num, git_revision, machine_lines, markdown_table, now_utc, upsert_section
 
 VARIANTS = ("httptools", "limited", "h11")
+MODES: dict[str, dict[str, str]] = {"keep-alive": {}, "new connection each": {"Connection": "close"}}
 LIMIT = 64 * 1024
 
 
@@ -46,18 +47,20 @@ def serve(variant: str, port: int) -> None:
                 access_log=False, log_level="warning", h11_max_incomplete_event_size=LIMIT)
 
 
-def measure(variant: str, cpus: set[int] | None, duration: float) -> dict[str, float]:
+def measure(variant: str, cpus: set[int] | None, duration: float) -> dict[str, tuple[float, float]]:
+    """Per mode: requests per second, and the server's CPU microseconds per request."""
     port = free_port()
     proc = Proc(f"server-limits-{variant}", [sys.executable, "-m", "bench.server_limits", "--serve", variant,
                                              "--port", str(port)], port, cpus=cpus)
     proc.start(lambda: _http_ok(f"http://127.0.0.1:{port}/"))
     try:
         out = {}
-        for mode, headers in (("keep-alive", {}), ("close", {"Connection": "close"})):
+        for mode, headers in MODES.items():
+            cpu = cpu_seconds(proc.pid)
             result = run_wrk(proc.url + "/", {"prompt": "x"}, headers, connections=64, duration=duration)
             if result.errors and mode == "keep-alive":
                 raise RuntimeError(f"{variant}: {result.error_text()}")
-            out[mode] = result.rps
+            out[mode] = (result.rps, (cpu_seconds(proc.pid) - cpu) / result.requests * 1e6)
         return out
     finally:
         proc.stop()
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all variants (default 3)")
     parser.add_argument("--pin", action="store_true", help="server on one CPU, wrk on the rest")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a subset of {','.join(VARIANTS)}")
     parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -75,22 +79,25 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve, args.port)
         return 0
     plan = cpu_plan(1, args.pin)
-    runs: dict[str, dict[str, list[float]]] = {v: {"keep-alive": [], "close": []} for v in VARIANTS}
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    runs: dict[tuple[str, str], list[tuple[float, float]]] = {(v, m): [] for v in variants for m in MODES}
     for i in range(args.rounds):
-        for variant in VARIANTS:
-            for mode, rps in measure(variant, plan.subject, args.duration).items():
-                runs[variant][mode].append(rps)
-            print(f"round {i + 1}: {variant} {runs[variant]}", flush=True)
-    base = {mode: statistics.median(runs["httptools"][mode]) for mode in ("keep-alive", "close")}
+        for variant in variants:
+            for mode, figures in measure(variant, plan.subject, args.duration).items():
+                runs[variant, mode].append(figures)
+            print(f"round {i + 1}: {variant} {[runs[variant, m][-1] for m in MODES]}", flush=True)
     rows = []
-    for variant in VARIANTS:
-        cells = [variant]
-        for mode in ("keep-alive", "close"):
-            med = statistics.median(runs[variant][mode])
-            cells += [fmt_num(med, "req/s"), f"{med / base[mode]:.2f}"]
-        rows.append(cells)
+    for mode in MODES:
+        base_rps = statistics.median(r for r, _ in runs[variants[0], mode])
+        base_cpu = statistics.median(c for _, c in runs[variants[0], mode])
+        for variant in variants:
+            rps = statistics.median(r for r, _ in runs[variant, mode])
+            cpu = statistics.median(c for _, c in runs[variant, mode])
+            rows.append([mode, variant, fmt_num(rps, "req/s"), f"{rps / base_rps:.2f}", f"{cpu:.0f} µs",
+                         f"{cpu / base_cpu:.2f}"])
     when = now_utc().strftime("%Y-%m-%d %H:%M UTC")
-    table = markdown_table(["protocol", "keep-alive", "vs httptools", "new connection each", "vs httptools"], rows)
+    table = markdown_table(["connections", "protocol", "throughput", f"vs {variants[0]}", "server CPU per request",
+                            f"vs {variants[0]}"], rows)
     body = "\n".join([f"## Header limits: server protocol cost ({when}, gateway {git_revision()})", "",
                       *machine_lines(), f"- {plan.describe()}; {args.rounds} rounds of {args.duration:g} s per "
                       "variant and mode, medians; wrk -t1 -c64, POST with a small JSON body", "", table, ""])

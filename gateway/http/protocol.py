@@ -30,7 +30,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.max_header_bytes = max_header_bytes
         self.header_timeout = header_timeout
-        self._in_head = True  # reading a request line and headers (not a body, not idle after one)
+        self._in_head = True  # what arrives is a request line and headers (not a body)
+        self._begun = False  # a request's first byte has arrived, its headers have not ended
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
 
@@ -45,34 +46,37 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if not self._in_head:
             super().data_received(data)
-            return
-        room = self.max_header_bytes - self._head_bytes
-        if len(data) <= room:
-            self._head_bytes += len(data)
-            super().data_received(data)
-            return
-        # Feed only what the limit allows: if the headers end inside it, the rest is body or a
-        # pipelined request, counted afresh.
-        super().data_received(data[:room])
-        if self.transport.is_closing():
-            return
-        if self._in_head:
-            self._refuse(HeadersTooLarge(f"Request headers exceed {self.max_header_bytes} bytes."))
-            return
-        self.data_received(data[room:])
+        else:
+            room = self.max_header_bytes - self._head_bytes
+            if len(data) <= room:
+                self._head_bytes += len(data)
+                super().data_received(data)
+            else:
+                # Feed only what the limit allows: if the headers end inside it, the rest is body or a
+                # pipelined request, counted afresh.
+                super().data_received(data[:room])
+                if self.transport.is_closing():
+                    return
+                if self._in_head:
+                    self._refuse(HeadersTooLarge(f"Request headers exceed {self.max_header_bytes} bytes."))
+                    return
+                self.data_received(data[room:])
+                return
+        if self._begun and self._head_timer is None:
+            # A later request on a kept-alive connection stopped mid-head. Armed only now, not in
+            # on_message_begin: a head that arrives whole (nearly all) then costs no timer.
+            self._arm()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head = True
-        if self._head_timer is None:  # a later request on a kept-alive connection
-            self._arm()
+        self._begun = True
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True  # what comes next on this connection is another request's head
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_head = self._begun = False
         self._head_bytes = 0
         self._disarm()
         super().on_headers_complete()
