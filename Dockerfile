@@ -29,13 +29,13 @@ RUN groupadd --system --gid 10001 gateway \
 COPY --from=builder /opt/venv /opt/venv
 COPY config/gateway.docker.yaml /etc/gateway/gateway.yaml
 
+# Workers: one per usable core (CPU affinity, capped by the container's CPU limit); GATEWAY_WORKERS overrides.
 # PROMETHEUS_MULTIPROC_DIR: the workers' metric files (emptied by the gateway at start).
 # /var/lib/gateway: the usage spool (usage.spool_path), to be kept on a volume.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     GATEWAY_CONFIG=/etc/gateway/gateway.yaml \
-    GATEWAY_WORKERS=1 \
     PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
 VOLUME ["/var/lib/gateway"]
 

@@ -7,6 +7,7 @@ file fails at start (and in ``gateway check-config``) instead of at the first re
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -146,6 +147,8 @@ class UsageSettings:
 
 @dataclass(frozen=True)
 class ServerSettings:
+    workers: int | None = None  # uvicorn worker processes; None: the usable cores (GATEWAY_WORKERS)
+    grace_seconds: float = 120.0  # in-flight requests may finish after SIGTERM (GATEWAY_GRACE_SECONDS)
     max_header_bytes: int = 65536  # request line and headers; beyond it 431 (SPEC section 3)
     header_timeout_seconds: float = 30.0  # to send complete headers; beyond it the connection is closed
     keep_alive_seconds: float = 75.0  # idle keep-alive; longer than a proxy's (60 s), so it closes first
@@ -195,21 +198,31 @@ def _check_known(section: Mapping[str, Any], allowed: set[str], key: str) -> Non
             raise ConfigError(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
+ENV_OVERRIDES = {"server": {"workers": "GATEWAY_WORKERS", "grace_seconds": "GATEWAY_GRACE_SECONDS"}}
 _POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "settle_queue_size",
              "pipeline_connections", "health_interval_seconds", "health_timeout_seconds", "health_failures",
-             "admission_queue", "admission_wait_seconds",
+             "admission_queue", "admission_wait_seconds", "workers",
              "max_header_bytes", "header_timeout_seconds", "keep_alive_seconds"}
 
 
-def _section(cls: type, raw: Any, key: str) -> Any:
-    """Build a flat settings dataclass from a mapping, checking names and types."""
-    data = _mapping(raw, key)
+def _env_value(text: str) -> Any:
+    """A number from an environment variable, else the text (whose check then names the variable)."""
+    return json.loads(text) if re.fullmatch(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?", text.strip()) else text
+
+
+def _section(cls: type, raw: Any, key: str, env: Mapping[str, str] | None = None) -> Any:
+    """A flat settings dataclass from a mapping and ``ENV_OVERRIDES`` (errors name the variable), checked."""
+    data = dict(_mapping(raw, key))
     defaults = cls()
     _check_known(data, {f.name for f in fields(cls)} - {"api_keys", *StorageSettings.FROM_ENV}, key)
+    where = {name: f"{key}.{name}" for name in data}
+    for name, var in ENV_OVERRIDES.get(key, {}).items():
+        if env and env.get(var, "").strip():
+            data[name], where[name] = _env_value(env[var]), var
     values: dict[str, Any] = {}
     for name, value in data.items():
         default = getattr(defaults, name)
-        full = f"{key}.{name}"
+        full = where[name]
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(full, f"must be true or false, got {value!r}")
@@ -375,7 +388,7 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
         auth=_section(AuthSettings, raw.get("auth"), "auth"),
         usage=usage,
         storage=_storage(raw.get("storage"), env),
-        server=_section(ServerSettings, raw.get("server"), "server"),
+        server=_section(ServerSettings, raw.get("server"), "server", env),
         default_model=default_model,
         models=models,
         plans=plans,

@@ -25,6 +25,29 @@ def test_environment_overrides_and_secrets() -> None:
     assert s.upstream.base_url == "http://up:9" and s.redis.url == "redis://r:1/2" and s.admin_token == "adm"
 
 
+def test_server_workers_and_grace_come_from_the_file_or_the_environment() -> None:
+    assert parse_settings({}, env={}).server.workers is None  # the usable cores
+    file = {"server": {"workers": 3, "grace_seconds": 30}}
+    assert parse_settings(file, env={}).server.workers == 3
+    s = parse_settings(file, env={"GATEWAY_WORKERS": "4", "GATEWAY_GRACE_SECONDS": "600"})
+    assert (s.server.workers, s.server.grace_seconds) == (4, 600)
+    s = parse_settings(file, env={"GATEWAY_WORKERS": " ", "GATEWAY_GRACE_SECONDS": ""})  # empty: the file's
+    assert (s.server.workers, s.server.grace_seconds) == (3, 30)
+
+
+@pytest.mark.parametrize(("env", "reason"), [
+    ({"GATEWAY_WORKERS": "two"}, "must be an integer, got 'two'"),
+    ({"GATEWAY_WORKERS": "0"}, "must be > 0"),
+    ({"GATEWAY_WORKERS": "1.5"}, "must be an integer"),
+    ({"GATEWAY_GRACE_SECONDS": "-1"}, "must be >= 0"),
+    ({"GATEWAY_GRACE_SECONDS": "soon"}, "must be a number, got 'soon'"),
+])
+def test_bad_server_environment_names_the_variable(env: dict[str, str], reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings({}, env=env)
+    assert info.value.key == next(iter(env)) and reason in str(info.value)
+
+
 @pytest.mark.parametrize(("raw", "key", "reason"), [
     ({"upstream": {"api_keys": ["k"]}}, "upstream.api_keys", "unknown key"),
     ({"upstream": {"timeout_seconds": 0}}, "upstream.timeout_seconds", "> 0"),
@@ -49,6 +72,8 @@ def test_environment_overrides_and_secrets() -> None:
     ({"keys": [{"user": "u", "plan": "nope", "sha256": "a" * 64}]}, "keys[0].plan", "no plan"),
     ({"keys": [{"user": "u", "sha256": "a" * 64}, {"user": "v", "sha256": "A" * 64}]}, "keys[1].sha256",
      "duplicates"),
+    ({"server": {"max_header_bytes": 0}}, "server.max_header_bytes", "> 0"),
+    ({"server": {"header_timeout_seconds": "30s"}}, "server.header_timeout_seconds", "must be a number"),
     ({"surprise": 1}, "surprise", "unknown key"),
     ({"max_edit_body_bytes": 10}, "max_edit_body_bytes", ">= 1024"),
     ({"models": {"gpt-image-1": {"input_image_tokens_per_image": 1.5}}},

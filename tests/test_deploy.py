@@ -345,6 +345,22 @@ def test_kubernetes_deployment_wiring() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
+def test_image_compose_and_kubernetes_run_one_worker_per_usable_core(tmp_path: Path) -> None:
+    """None of them pins GATEWAY_WORKERS (or --workers): ``gateway serve`` then uses the usable cores."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "GATEWAY_WORKERS=" not in dockerfile and "\"--workers\"" not in dockerfile
+    env_file = compose_env_file(tmp_path, COMPOSE_REQUIRED)
+    config = yaml.safe_load(run([*compose_command(), "--file", "docker-compose.yml", "--env-file", str(env_file),
+                                 "config"], env=compose_process_env()).stdout)
+    gateway = config["services"]["gateway"]
+    assert gateway["environment"].get("GATEWAY_WORKERS") in (None, "")
+    assert "--workers" not in (gateway.get("command") or [])
+    (container,) = by_kind()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert "GATEWAY_WORKERS" not in {e["name"] for e in container["env"]}
+    assert "--workers" not in container["args"]
+    assert container["resources"]["limits"]["cpu"]  # the cgroup limit the gateway reads as its cores
+
+
 def test_kustomization_lists_every_manifest_but_the_secret_example() -> None:
     (kustomization,) = load_documents(K8S / "kustomization.yaml")
     assert kustomization["kind"] == "Kustomization"

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=None, help="uvicorn workers (default: $GATEWAY_WORKERS or 1)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="worker processes (default: $GATEWAY_WORKERS, server.workers, else the usable cores)")
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check-config", help="validate a config file without starting")

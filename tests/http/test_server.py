@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+import gateway.http.server as server_module
+from gateway.http.server import usable_cores
 from tests.support.procs import (
     RedisServer,
     Service,
@@ -58,6 +61,29 @@ def test_metrics_on_a_separate_port_sum_all_workers(workers: int, redis_url: str
     finally:
         gw.stop()
         fake.stop()
+
+
+def test_workers_default_to_the_usable_cores(redis_url: str, tmp_path: Path) -> None:
+    """Without --workers (nor server.workers, nor GATEWAY_WORKERS), one worker per usable core."""
+    port = free_port()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(f"usage: {{spool_path: {tmp_path / 'usage.spool'}}}\n")
+    gw = Service([sys.executable, "-m", "gateway", "serve", "--config", str(path), "--host", "127.0.0.1", "--port",
+                  str(port)], port, {"REDIS_URL": redis_url, "GATEWAY_WORKERS": None,
+                                     "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")})
+    with running(gw.start()):
+        expected = usable_cores()
+        wait_until(lambda: gw.log().count("Application startup complete.") == expected, f"{expected} workers")
+        assert ("Started parent process" in gw.log()) == (expected > 1)
+
+
+@pytest.mark.parametrize(("cpu_max", "cap"), [("max 100000", None), ("150000 100000", 2), ("50000 100000", 1)])
+def test_usable_cores_respect_a_cgroup_cpu_limit(cpu_max: str, cap: int | None, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    monkeypatch.setattr(server_module, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores() == (affinity if cap is None else min(affinity, cap))
 
 
 # --- connections: header size and header time (SPEC section 3) ----------------------------------------
