@@ -40,7 +40,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 VOLUME ["/var/lib/gateway"]
 
 USER 10001:10001
-EXPOSE 8080
+# 8080: the API; 9091: /metrics (metrics.port of the image's default config).
+EXPOSE 8080 9091
 
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]

@@ -128,7 +128,7 @@ class RedisSettings:
 @dataclass(frozen=True)
 class MetricsSettings:
     user_label: bool = True
-    port: int | None = None  # separate port for /metrics; None: served on the main port
+    port: int | None = None  # /metrics only on this port (not the API's); None: on the API port
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,7 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     max_edit_body_bytes: int = 64 * 1024 * 1024  # a whole multipart edit, files included
     admin_token: str | None = None  # from GATEWAY_ADMIN_TOKEN only
+    metrics_token: str | None = None  # from GATEWAY_METRICS_TOKEN only: /metrics then needs it as a Bearer token
 
     def plan(self, name: str) -> Plan:
         """The named plan; a key whose plan was since removed from the config gets ``default``'s limits
@@ -198,7 +199,8 @@ def _check_known(section: Mapping[str, Any], allowed: set[str], key: str) -> Non
             raise ConfigError(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
-ENV_OVERRIDES = {"server": {"workers": "GATEWAY_WORKERS", "grace_seconds": "GATEWAY_GRACE_SECONDS"}}
+ENV_OVERRIDES = {"upstream": {"base_url": "UPSTREAM_BASE_URL"}, "redis": {"url": "REDIS_URL"},
+                 "server": {"workers": "GATEWAY_WORKERS", "grace_seconds": "GATEWAY_GRACE_SECONDS"}}
 _POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "settle_queue_size",
              "pipeline_connections", "health_interval_seconds", "health_timeout_seconds", "health_failures",
              "admission_queue", "admission_wait_seconds", "workers",
@@ -207,7 +209,7 @@ _POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "s
 
 def _env_value(text: str) -> Any:
     """A number from an environment variable, else the text (whose check then names the variable)."""
-    return json.loads(text) if re.fullmatch(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?", text.strip()) else text
+    return json.loads(text) if re.fullmatch(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?", text) else text
 
 
 def _section(cls: type, raw: Any, key: str, env: Mapping[str, str] | None = None) -> Any:
@@ -218,7 +220,7 @@ def _section(cls: type, raw: Any, key: str, env: Mapping[str, str] | None = None
     where = {name: f"{key}.{name}" for name in data}
     for name, var in ENV_OVERRIDES.get(key, {}).items():
         if env and env.get(var, "").strip():
-            data[name], where[name] = _env_value(env[var]), var
+            data[name], where[name] = _env_value(env[var].strip()), var
     values: dict[str, Any] = {}
     for name, value in data.items():
         default = getattr(defaults, name)
@@ -358,14 +360,10 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
     env = os.environ if env is None else env
     raw = _mapping(raw, "")
     _check_known(raw, _TOP_KEYS, "")
-    upstream = _section(UpstreamSettings, raw.get("upstream"), "upstream")
-    redis = _section(RedisSettings, raw.get("redis"), "redis")
+    upstream = _section(UpstreamSettings, raw.get("upstream"), "upstream", env)
+    redis = _section(RedisSettings, raw.get("redis"), "redis", env)
     if redis.on_unavailable not in ("reject", "allow"):
         raise ConfigError("redis.on_unavailable", f"must be 'reject' or 'allow', got {redis.on_unavailable!r}")
-    if env.get("UPSTREAM_BASE_URL"):
-        upstream = replace(upstream, base_url=env["UPSTREAM_BASE_URL"])
-    if env.get("REDIS_URL"):
-        redis = replace(redis, url=env["REDIS_URL"])
     if not re.match(r"^https?://[^/\s]+", upstream.base_url):
         raise ConfigError("upstream.base_url", f"must be an http(s) URL, got {upstream.base_url!r}")
     if not redis.url.startswith(("redis://", "rediss://", "unix://")):
@@ -397,6 +395,7 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
         max_edit_body_bytes=check_number(raw.get("max_edit_body_bytes", 64 * 1024 * 1024), "max_edit_body_bytes",
                                          integer=True, minimum=1024),
         admin_token=env.get("GATEWAY_ADMIN_TOKEN") or None,
+        metrics_token=env.get("GATEWAY_METRICS_TOKEN") or None,
     )
 
 

@@ -85,6 +85,18 @@ class HeadersTimeout(GatewayError):
     code = "request_timeout"
 
 
+class MetricsUnauthorized(GatewayError):
+    """/metrics without ``Authorization: Bearer $GATEWAY_METRICS_TOKEN`` (when that is set)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self) -> None:
+        super().__init__("Incorrect metrics token provided. Use 'Authorization: Bearer <GATEWAY_METRICS_TOKEN>'.",
+                         headers={"www-authenticate": "Bearer"})
+
+
 class InvalidApiKey(GatewayError):
     status = 401
     type = "invalid_request_error"

@@ -199,6 +199,20 @@ def assert_trusted_proxies_are_a_range(value: str) -> None:
         ipaddress.ip_network(item.strip(), strict=False)
 
 
+def test_docker_compose_scrapes_metrics_on_the_unpublished_metrics_port(tmp_path: Path) -> None:
+    """compose: /metrics only on metrics.port, which Prometheus scrapes and the host does not see."""
+    env_file = compose_env_file(tmp_path, COMPOSE_REQUIRED)
+    config = yaml.safe_load(run([*compose_command(), "--file", "docker-compose.yml", "--env-file", str(env_file),
+                                 "config"], env=compose_process_env()).stdout)
+    metrics_port = yaml.safe_load((ROOT / "config/gateway.docker.yaml").read_text())["metrics"]["port"]
+    published = {int(p["target"]) if isinstance(p, dict) else int(str(p).rsplit(":", 1)[-1])
+                 for p in config["services"]["gateway"].get("ports", [])}
+    assert published == {8080} and metrics_port not in published
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "gateway"]
+    assert job["static_configs"][0]["targets"] == [f"gateway:{metrics_port}"]
+
+
 def test_docker_compose_demands_the_required_secrets(tmp_path: Path) -> None:
     env_file = compose_env_file(tmp_path, {})
     proc = run([*compose_command(), "--file", "docker-compose.yml", "--env-file", str(env_file),
@@ -314,10 +328,21 @@ def test_kubernetes_service_monitor_scrapes_the_service() -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     port_names = {p["name"] for p in service["spec"]["ports"]}
     assert monitor["spec"]["endpoints"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    token_ref = {e["name"]: e for e in container["env"]}["GATEWAY_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert not token_ref.get("optional"), "an absent token would leave /metrics open"
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["port"] in port_names
         assert endpoint.get("path", "/metrics") == "/metrics"
         assert re.fullmatch(r"\d+[smh]", endpoint.get("interval", "30s"))
+        # Scrapes with the token the pods require (SPEC section 7).
+        assert endpoint["authorization"]["type"] == "Bearer"
+        assert endpoint["authorization"]["credentials"] == {"name": token_ref["name"], "key": token_ref["key"]}
+    (secret,) = load_documents(K8S / "secret.example.yaml")
+    assert token_ref["key"] in secret["stringData"]
+    # /metrics is on the Service's port, not on a metrics.port the Service does not expose.
+    (configmap,) = load_documents(K8S / "configmap.yaml")
+    assert (yaml.safe_load(configmap["data"]["gateway.yaml"]).get("metrics") or {}).get("port") is None
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()

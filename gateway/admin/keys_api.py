@@ -10,14 +10,13 @@ plaintext key appears once, in the body of the 201 that created it.
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.auth.authenticator import bearer_token
+from gateway.auth.authenticator import bearer_token, token_matches
 from gateway.auth.keystore import KeyStore, key_object
 from gateway.errors import GatewayError, NotFound, ServiceUnavailable
 from gateway.http.body import parse_json_object, read_body
@@ -49,7 +48,7 @@ async def check_admin_token(request: Request, given: str | None) -> None:
         raise NotFound(f"Invalid URL ({request.method} {request.url.path})")
 
     async def check() -> None:
-        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+        if not token_matches(given, token):
             raise AdminUnauthorized()
 
     if gw.guard is None:

@@ -7,6 +7,7 @@ within 5 s while the hot path costs no Redis round trip.
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,11 @@ def bearer_token(authorization: str | None) -> str | None:
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
+
+
+def token_matches(given: str | None, token: str) -> bool:
+    """Whether ``given`` is the operator token ``token`` (admin, metrics), compared in constant time."""
+    return given is not None and hmac.compare_digest(given.encode(), token.encode())
 
 
 class Authenticator:

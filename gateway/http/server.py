@@ -70,12 +70,9 @@ def serve(config: str | None, *, host: str, port: int, workers: int | None) -> i
     created = prepare_multiprocess_dir(workers, settings.metrics.port is not None)
     try:
         if settings.metrics.port is not None:
-            from prometheus_client import CollectorRegistry, start_http_server
-            from prometheus_client.multiprocess import MultiProcessCollector
+            from gateway.http.metrics_port import start_metrics_port
 
-            registry = CollectorRegistry()  # served by this (supervisor) process, from the workers' files
-            MultiProcessCollector(registry)
-            start_http_server(settings.metrics.port, addr=host, registry=registry)
+            start_metrics_port(host, settings.metrics.port, settings.metrics_token)
         protocol: Any = http_protocol(server)  # uvicorn calls it like a protocol class
         uvicorn.run("gateway.http.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                     loop="uvloop", http=protocol, ws="none", lifespan="on", access_log=False, log_level="info",

@@ -7,7 +7,8 @@ import logging
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.errors import GatewayError, NotFound
+from gateway.auth.authenticator import bearer_token, token_matches
+from gateway.errors import GatewayError, MetricsUnauthorized, NotFound
 from gateway.http.context import gateway_of, request_id_of
 from gateway.metering.metrics import render
 
@@ -38,7 +39,14 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    body, content_type = render(gateway_of(request).metrics.registry)
+    """The Prometheus exposition; behind GATEWAY_METRICS_TOKEN when set, only on metrics.port when that is set."""
+    gw = gateway_of(request)
+    if gw.settings.metrics.port is not None:
+        return await not_found(request)  # kept off the API port
+    token = gw.settings.metrics_token
+    if token is not None and not token_matches(bearer_token(request.headers.get("authorization")), token):
+        return MetricsUnauthorized().to_response(request_id_of(request))
+    body, content_type = render(gw.metrics.registry)
     return Response(body, media_type=content_type)
 
 

@@ -55,12 +55,35 @@ def test_metrics_on_a_separate_port_sum_all_workers(workers: int, redis_url: str
             assert r.status_code == 200
         line = 'gateway_requests_total{model="gpt-image-1",route="/v1/images/generations",status="200"} 6.0'
         wait_until(lambda: line in httpx.get(f"http://127.0.0.1:{port}/metrics").text, "separate metrics port")
-        assert line in httpx.get(gw.url + "/metrics").text
         assert 'gateway_usage_tokens_total{kind="output",model="gpt-image-1",team="",user="dora"} 1632.0' \
-            in httpx.get(gw.url + "/metrics").text
+            in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        off = httpx.get(gw.url + "/metrics")  # kept off the API port
+        assert off.status_code == 404 and off.json()["error"]["message"] == "Invalid URL (GET /metrics)"
     finally:
         gw.stop()
         fake.stop()
+
+
+@pytest.mark.parametrize("separate_port", [False, True], ids=["api-port", "metrics-port"])
+def test_metrics_token_is_required_when_set(separate_port: bool, redis_url: str, tmp_path: Path) -> None:
+    token = "metrics-token-0123456789abcdef"
+    port = free_port()
+    cfg = {"metrics": {"port": port}} if separate_port else {}
+    gw = start_gateway(cfg, {"REDIS_URL": redis_url, "GATEWAY_METRICS_TOKEN": token}, tmp=tmp_path)
+    url = f"http://127.0.0.1:{port}/metrics" if separate_port else gw.url + "/metrics"
+    with running(gw):
+        if separate_port:
+            wait_until(lambda: httpx.get(url).status_code == 401, "metrics port")
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": token},
+                        {"authorization": f"Bearer {token}x"}):
+            r = httpx.get(url, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            error = r.json()["error"]
+            assert error["code"] == "invalid_api_key" and "GATEWAY_METRICS_TOKEN" in error["message"]
+            assert "gateway_" not in r.text
+        ok = httpx.get(url, headers={"authorization": f"Bearer {token}"})
+        assert ok.status_code == 200 and "gateway_upstream_errors_total{" in ok.text
+    assert token not in gw.log()
 
 
 def test_workers_default_to_the_usable_cores(redis_url: str, tmp_path: Path) -> None:
