@@ -140,14 +140,15 @@ async def _counted(records: Any, progress: Progress) -> Any:
         yield record
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, action: Any) -> int:
+    """Run ``action(settings, args, out)`` against Redis; the exit status (see the module docstring)."""
     settings = settings_or_report(args.config)
     if settings is None:
         return 2
     try:
         out = open_output(getattr(args, "output", None))
         try:
-            code = asyncio.run(args.action(settings, args, out))
+            code = asyncio.run(action(settings, args, out))
             out.flush()
         finally:
             out.close()
@@ -163,6 +164,14 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _totals_command(args: argparse.Namespace) -> int:
+    return _run(args, _totals)
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    return _run(args, _export)
+
+
 def register(subparsers: Any) -> None:
     """Add ``gateway usage totals|export`` to the ``gateway`` command."""
     usage = subparsers.add_parser("usage", help="usage totals and record export (billing)")
@@ -172,13 +181,14 @@ def register(subparsers: Any) -> None:
     totals.add_argument("--user", required=True)
     totals.add_argument("--period", required=True, help="YYYY-MM-DD (UTC day) or YYYY-MM (UTC month)")
     totals.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
-    totals.set_defaults(func=_run, action=_totals)
+    totals.set_defaults(func=_totals_command)
 
     export = sub.add_parser("export", help="records with from <= time < to (as GET /admin/usage/records)")
     export.add_argument("--from", dest="start", required=True, help="ISO 8601, e.g. 2026-11-01T00:00:00Z")
     export.add_argument("--to", dest="end", required=True, help="ISO 8601, exclusive")
     export.add_argument("--user", default=None, help="only this user (default: every user)")
-    export.add_argument("--format", default="csv", choices=("csv", "jsonl"))
+    export.add_argument("--format", default="jsonl", choices=("jsonl", "csv"),
+                        help="jsonl (default, as the admin API) or csv")
     export.add_argument("--output", default=None, help="file to write (default: stdout)")
     export.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
-    export.set_defaults(func=_run, action=_export)
+    export.set_defaults(func=_export_command)

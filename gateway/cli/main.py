@@ -1,8 +1,13 @@
-"""The ``gateway`` command: serve, check-config, keys, usage, fake-upstream, demo."""
+"""The ``gateway`` command: serve, check-config, keys, usage, fake-upstream, demo.
+
+One dispatch style: every subcommand sets ``func``, a function of the parsed arguments that
+returns the exit status; every command that reads the config takes ``--config``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from gateway.admin.keys_cli import register as register_keys
@@ -17,7 +22,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = settings_or_report(args.path)
+    if args.path and args.config and args.path != args.config:
+        print("error: give the config file once (PATH or --config)", file=sys.stderr)
+        return 2
+    settings = settings_or_report(args.path or args.config)
     if settings is None:
         return 2
     print(f"ok: {len(settings.models)} models, {len(settings.plans)} plans, {len(settings.keys)} fixed keys, "
@@ -50,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check-config", help="validate a config file without starting")
-    check.add_argument("path")
+    check.add_argument("path", nargs="?", help="the YAML config file (or --config)")
+    check.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
     check.set_defaults(func=_check_config)
 
     fake = sub.add_parser("fake-upstream", help="a local stand-in for TTAPI (demos, tests, benchmarks)")

@@ -51,15 +51,15 @@ async def test_export_csv_and_jsonl_with_progress(redis_url: str, tmp_path: Path
     await seed(redis_url, {"alice": 1200, "bob": 3})
     cfg = write_config(tmp_path)
     window = ["--from", iso_ms(T0 - 1000), "--to", iso_ms(T0 + 3_600_000)]
-    out = gateway("export", *window, redis_url=redis_url, config=cfg)  # csv to stdout by default
+    out = gateway("export", *window, "--format", "csv", redis_url=redis_url, config=cfg)
     assert out.returncode == 0, out.stderr
     rows = list(csv.reader(io.StringIO(out.stdout)))
     assert rows[0] == list(FIELDS) and len(rows) == 1 + 1203
     assert "exported 1203 records" in out.stderr
     target = tmp_path / "bob.jsonl"
-    out = gateway("export", *window, "--user", "bob", "--format", "jsonl", "--output", str(target),
-                  redis_url=redis_url, config=cfg)
+    out = gateway("export", *window, "--user", "bob", "--output", str(target), redis_url=redis_url, config=cfg)
     assert out.returncode == 0 and out.stdout == ""
+    # JSONL by default, as GET /admin/usage/records.
     records = [json.loads(line) for line in target.read_text().splitlines()]
     assert [r["request_id"] for r in records] == ["bob-0", "bob-1", "bob-2"]
 
