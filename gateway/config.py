@@ -199,17 +199,13 @@ def _check_known(section: Mapping[str, Any], allowed: set[str], key: str) -> Non
             raise ConfigError(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
+_NUMBER_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")  # an override that reads as a number is one
 ENV_OVERRIDES = {"upstream": {"base_url": "UPSTREAM_BASE_URL"}, "redis": {"url": "REDIS_URL"},
                  "server": {"workers": "GATEWAY_WORKERS", "grace_seconds": "GATEWAY_GRACE_SECONDS"}}
 _POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "settle_queue_size",
              "pipeline_connections", "health_interval_seconds", "health_timeout_seconds", "health_failures",
              "admission_queue", "admission_wait_seconds", "workers",
              "max_header_bytes", "header_timeout_seconds", "keep_alive_seconds"}
-
-
-def _env_value(text: str) -> Any:
-    """A number from an environment variable, else the text (whose check then names the variable)."""
-    return json.loads(text) if re.fullmatch(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?", text) else text
 
 
 def _section(cls: type, raw: Any, key: str, env: Mapping[str, str] | None = None) -> Any:
@@ -219,8 +215,8 @@ def _section(cls: type, raw: Any, key: str, env: Mapping[str, str] | None = None
     _check_known(data, {f.name for f in fields(cls)} - {"api_keys", *StorageSettings.FROM_ENV}, key)
     where = {name: f"{key}.{name}" for name in data}
     for name, var in ENV_OVERRIDES.get(key, {}).items():
-        if env and env.get(var, "").strip():
-            data[name], where[name] = _env_value(env[var].strip()), var
+        if env and (text := env.get(var, "").strip()):
+            data[name], where[name] = json.loads(text) if _NUMBER_RE.fullmatch(text) else text, var
     values: dict[str, Any] = {}
     for name, value in data.items():
         default = getattr(defaults, name)
