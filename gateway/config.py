@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from gateway.http.settings import ServerSettings
 from gateway.imagestore.settings import StorageSettings
 from gateway.validators import LIMIT_MAX, check_number, control_free, valid_name
 from gateway.validators import ConfigError as ConfigError  # re-exported: the config's error
@@ -143,15 +144,6 @@ class UsageSettings:
     stream_maxlen: int = 10_000_000  # ledger stream trimmed (approximately) to this many records
     spool_path: str = ""  # "": default_spool_path(), a private directory of the user's
     settle_queue_size: int = 100_000
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    workers: int | None = None  # uvicorn worker processes; None: the usable cores (GATEWAY_WORKERS)
-    grace_seconds: float = 120.0  # in-flight requests may finish after SIGTERM (GATEWAY_GRACE_SECONDS)
-    max_header_bytes: int = 65536  # request line and headers; beyond it 431 (SPEC section 3)
-    header_timeout_seconds: float = 30.0  # to send complete headers; beyond it the connection is closed
-    keep_alive_seconds: float = 75.0  # idle keep-alive; longer than a proxy's (60 s), so it closes first
 
 
 @dataclass(frozen=True)

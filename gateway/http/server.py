@@ -18,8 +18,9 @@ from typing import Any
 
 import uvicorn
 
-from gateway.config import ConfigError, ServerSettings, load_settings
+from gateway.config import ConfigError, load_settings
 from gateway.http.protocol import LimitedHttpToolsProtocol
+from gateway.http.settings import ServerSettings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
