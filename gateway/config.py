@@ -7,7 +7,6 @@ file fails at start (and in ``gateway check-config``) instead of at the first re
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -19,6 +18,10 @@ import yaml
 
 from gateway.http.settings import ServerSettings
 from gateway.imagestore.settings import StorageSettings
+from gateway.sections import ENV_OVERRIDES as ENV_OVERRIDES  # re-exported
+from gateway.sections import check_known as _check_known
+from gateway.sections import mapping as _mapping
+from gateway.sections import section as _section
 from gateway.validators import LIMIT_MAX, check_number, control_free, valid_name
 from gateway.validators import ConfigError as ConfigError  # re-exported: the config's error
 
@@ -51,9 +54,6 @@ class Limits:
         if not overrides:
             return self
         return replace(self, **{k: v for k, v in overrides.items() if k in LIMIT_NAMES})
-
-
-LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 
 
 LIMIT_NAMES = tuple(f.name for f in fields(Limits))  # in the order of the fields above
@@ -174,55 +174,6 @@ class Settings:
 
 _TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "server", "default_model", "models",
              "plans", "keys", "max_body_bytes", "max_edit_body_bytes"}
-
-
-def _mapping(value: Any, key: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(key, f"must be a mapping, got {type(value).__name__}")
-    return value
-
-
-def _check_known(section: Mapping[str, Any], allowed: set[str], key: str) -> None:
-    for name in section:
-        if name not in allowed:
-            where = f"{key}.{name}" if key else str(name)
-            raise ConfigError(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-
-
-_NUMBER_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")  # an override that reads as a number is one
-ENV_OVERRIDES = {"upstream": {"base_url": "UPSTREAM_BASE_URL"}, "redis": {"url": "REDIS_URL"},
-                 "server": {"workers": "GATEWAY_WORKERS", "grace_seconds": "GATEWAY_GRACE_SECONDS"}}
-_POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "settle_queue_size",
-             "pipeline_connections", "health_interval_seconds", "health_timeout_seconds", "health_failures",
-             "admission_queue", "admission_wait_seconds", "workers",
-             "max_header_bytes", "header_timeout_seconds", "keep_alive_seconds"}
-
-
-def _section(cls: type, raw: Any, key: str, env: Mapping[str, str] | None = None) -> Any:
-    """A flat settings dataclass from a mapping and ``ENV_OVERRIDES`` (errors name the variable), checked."""
-    data = dict(_mapping(raw, key))
-    defaults = cls()
-    _check_known(data, {f.name for f in fields(cls)} - {"api_keys", *StorageSettings.FROM_ENV}, key)
-    where = {name: f"{key}.{name}" for name in data}
-    for name, var in ENV_OVERRIDES.get(key, {}).items():
-        if env and (text := env.get(var, "").strip()):
-            data[name], where[name] = json.loads(text) if _NUMBER_RE.fullmatch(text) else text, var
-    values: dict[str, Any] = {}
-    for name, value in data.items():
-        default = getattr(defaults, name)
-        full = where[name]
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(full, f"must be true or false, got {value!r}")
-        elif isinstance(default, int | float) or default is None:
-            value = check_number(value, full, integer=isinstance(default, int) or default is None,
-                            allow_none=default is None, exclusive=name in _POSITIVE)
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise ConfigError(full, f"must be a string, got {value!r}")
-        values[name] = value
-    return replace(defaults, **values)
 
 
 def _limits(raw: Any, key: str) -> dict[str, Any]:
