@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio import RedisCluster as AsyncRedisCluster
 
 from gateway.devtools.seaweed import SeaweedS3
 from tests.support.procs import RedisCluster, RedisServer
@@ -57,3 +59,17 @@ def pausable_redis() -> Iterator[RedisServer]:
     if server.proc is not None:
         server.proc.send_signal(signal.SIGCONT)
     server.cleanup()
+
+
+@pytest.fixture(params=["single", pytest.param("cluster", marks=pytest.mark.cluster)])
+async def any_redis(request: pytest.FixtureRequest) -> AsyncIterator[AsyncRedis | AsyncRedisCluster]:
+    """An empty asyncio client: of the session's private server, or of the three-master Cluster."""
+    if request.param == "single":
+        client: AsyncRedis | AsyncRedisCluster = AsyncRedis.from_url(request.getfixturevalue("redis_url"))
+    else:
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        client = AsyncRedisCluster.from_url(cluster.url)
+        await client.initialize()  # as the app does: the slot map before the first commands
+    yield client
+    await client.aclose()

@@ -50,6 +50,10 @@ class RedisKeys:
         """Set of key ids belonging to the user."""
         return self.user(user, "keys")
 
+    def idempotency(self, user: str, key_digest: str) -> str:
+        """Hash: the claim and stored answer of one Idempotency-Key (its SHA-256) of the user."""
+        return self.user(user, f"idem:{key_digest}")
+
     # --- keys (looked up by digest, not by user) ---
     def api_key(self, digest: str) -> str:
         """Hash: the key record under the SHA-256 of the key (never the key)."""

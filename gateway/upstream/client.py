@@ -170,3 +170,8 @@ def salvage(content: Any) -> list[bytes]:
         chunks[0] = chunks[0][offset:]
     buffered.clear()
     return chunks
+
+
+def never_sent(exc: BaseException | None) -> bool:
+    """Whether an upstream call failed before the request reached the upstream (connect failed)."""
+    return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
