@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from gateway.http.settings import ServerSettings
+from gateway.idempotency.settings import IdempotencySettings
 from gateway.imagestore.settings import StorageSettings
 from gateway.sections import ENV_OVERRIDES as ENV_OVERRIDES  # re-exported
 from gateway.sections import check_known as _check_known
@@ -155,6 +156,7 @@ class Settings:
     usage: UsageSettings = field(default_factory=UsageSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    idempotency: IdempotencySettings = field(default_factory=IdempotencySettings)
     default_model: str | None = "gpt-image-1"
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     plans: Mapping[str, Plan] = field(default_factory=dict)
@@ -172,8 +174,8 @@ class Settings:
 
 # --- parsing -----------------------------------------------------------------------------------
 
-_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "server", "default_model", "models",
-             "plans", "keys", "max_body_bytes", "max_edit_body_bytes"}
+_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "server", "idempotency", "default_model",
+             "models", "plans", "keys", "max_body_bytes", "max_edit_body_bytes"}
 
 
 def _limits(raw: Any, key: str) -> dict[str, Any]:
@@ -326,6 +328,7 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
         usage=usage,
         storage=_storage(raw.get("storage"), env),
         server=_section(ServerSettings, raw.get("server"), "server", env),
+        idempotency=_section(IdempotencySettings, raw.get("idempotency"), "idempotency"),
         default_model=default_model,
         models=models,
         plans=plans,

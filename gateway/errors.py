@@ -113,6 +113,22 @@ class ModelNotAllowed(GatewayError):
     code = "model_not_allowed"
 
 
+class IdempotencyKeyReused(GatewayError):
+    """The Idempotency-Key was first used with another request (route or body)."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "idempotency_key_reused"
+
+
+class IdempotencyKeyInUse(GatewayError):
+    """The request holding this Idempotency-Key did not finish within the wait bound."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_key_in_use"
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"

@@ -10,6 +10,7 @@ from gateway.errors import GatewayError
 from gateway.http.body import parse_json_object, read_body
 from gateway.http.context import gateway_of, received_of, request_id_of
 from gateway.http.form import read_form
+from gateway.idempotency.fingerprint import json_fingerprint
 from gateway.pipeline.edit_rules import validate_edit
 from gateway.pipeline.lifecycle import Arrival, Prepared, handle
 from gateway.pipeline.onbehalf import upstream_user
@@ -34,7 +35,7 @@ async def create_image(request: Request) -> object:
         data["model"] = image.model
         if "user" in data:
             data["user"] = upstream_user(principal.user)
-        return Prepared(image, orjson.dumps(data))
+        return Prepared(image, orjson.dumps(data), fingerprint=json_fingerprint(data))
 
     return await handle(gw, arrival_of(request, GENERATIONS), prepare)
 

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.auth.authenticator import Principal
+from gateway.idempotency.service import Ticket
 from gateway.limits.limiter import Admission
 from gateway.metering.pricing import Estimate
 from gateway.pipeline.request import GENERATIONS, ImageRequest
@@ -28,6 +29,7 @@ class Exchange:
     error_reason: str | None = None  # upstream failure reason for metrics (timeout, unavailable, ...)
     incomplete: bool = False  # a stream ended without its completed event
     client_gone: bool = False
+    ticket: Ticket | None = None  # its Idempotency-Key claim: the answer is kept there, or the key released
 
     @property
     def ok(self) -> bool:

@@ -12,6 +12,8 @@ from gateway.auth.authenticator import Authenticator, Principal
 from gateway.auth.guard import AuthGuard
 from gateway.auth.keystore import KeyStore
 from gateway.config import Settings
+from gateway.idempotency.service import Idempotency
+from gateway.idempotency.store import IdempotencyStore
 from gateway.limits.limiter import Limiter
 from gateway.metering.meter import Meter
 from gateway.metering.metrics import Metrics
@@ -29,7 +31,8 @@ class Gateway:
     def __init__(self, settings: Settings, *, metrics: Metrics, upstream: UpstreamClient, redis: Any = None,
                  limiter: Limiter | None = None, auth: Authenticator | None = None, meter: Meter | None = None,
                  keystore: KeyStore | None = None, guard: AuthGuard | None = None,
-                 health: Health | None = None, pipeline_redis: Any = None) -> None:
+                 health: Health | None = None, pipeline_redis: Any = None,
+                 idempotency: Idempotency | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.upstream = upstream
@@ -41,6 +44,7 @@ class Gateway:
         self.meter = meter or Meter(settings, metrics, limiter)
         self.health = health
         self.pipeline_redis = pipeline_redis  # the batcher's client, when it is not ``redis``
+        self.idempotency = idempotency  # None: Idempotency-Key is not honoured (no Redis)
 
     async def authenticate(self, request: Request) -> Principal:
         """The caller's Principal; failures count toward the brute-force guard (a good key costs nothing)."""
@@ -99,12 +103,18 @@ async def open_gateway(settings: Settings, metrics: Metrics, *, session: aiohttp
     keystore = KeyStore(redis, redis_keys, settings, metrics=metrics)
     guard = AuthGuard(redis, redis_keys, settings.auth, metrics)
     # A slot or reservation whose worker died expires one upstream timeout (plus slack) after admission.
-    limiter = Limiter(redis, redis_keys, lease_ms=int((settings.upstream.timeout_seconds + 60) * 1000),
-                      ledger_maxlen=settings.usage.stream_maxlen, batcher=batcher)
+    lease_seconds = settings.upstream.timeout_seconds + 60
+    limiter = Limiter(redis, redis_keys, lease_ms=int(lease_seconds * 1000), ledger_maxlen=settings.usage.stream_maxlen,
+                      batcher=batcher)
     # Metering: settlements Redis refuses are retried in the background, spooled at shutdown, replayed here.
     settler = SettleQueue(limiter, metrics, redis=redis, keys=redis_keys,
                           max_size=settings.usage.settle_queue_size, spool=Spool(settings.usage.spool_path))
     meter = Meter(settings, metrics, limiter, settler=settler)
     await meter.start()
+    # An Idempotency-Key held by a dead worker is taken over after the same lease; waiters outlast it.
+    idempotency = Idempotency(IdempotencyStore(redis, redis_keys, ttl_seconds=settings.idempotency.ttl_seconds),
+                              metrics, lease_seconds=lease_seconds, wait_seconds=lease_seconds + 30,
+                              serve_unguarded=settings.redis.on_unavailable == "allow")
     return Gateway(settings, metrics=metrics, upstream=upstream, redis=redis, keystore=keystore, guard=guard,
-                   limiter=limiter, meter=meter, health=health, pipeline_redis=pipeline_redis)
+                   limiter=limiter, meter=meter, health=health, pipeline_redis=pipeline_redis,
+                   idempotency=idempotency)

@@ -3,6 +3,10 @@
     authenticate -> prepare (read and validate the body) -> authorize the model -> admit (Redis)
       -> call the upstream -> relay (JSON or SSE) -> settle (metering, ledger)
 
+With an ``Idempotency-Key`` (gateway/idempotency/), the key is claimed before admission: a repeat
+gets the stored answer instead (not admitted, not metered), and the runner's answer is kept once
+the upstream may have billed it, or the claim released when the gateway refused the request itself.
+
 The upstream call runs in a shielded background task: if the handler is cancelled (shutdown past
 its grace period, a client gone as the reply arrives), the call still runs to its end and is
 settled, so usage the upstream bills is never lost.
@@ -19,6 +23,10 @@ from starlette.requests import Request
 
 from gateway.auth.authenticator import Principal
 from gateway.errors import GatewayError, ModelNotAllowed, ShuttingDown
+from gateway.idempotency.answers import Answer, answer_of, answer_of_error, may_have_billed
+from gateway.idempotency.fingerprint import body_fingerprint
+from gateway.idempotency.header import idempotency_key
+from gateway.idempotency.service import Ticket
 from gateway.pipeline.admission import admit
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.gateway import Gateway
@@ -27,7 +35,7 @@ from gateway.pipeline.request import ImageRequest
 from gateway.tasks import spawn
 from gateway.upstream.client import GENERATIONS_PATH, UpstreamReply
 from gateway.upstream.form_body import FormBody
-from gateway.upstream.relay import ChunksResponse, StreamRelayResponse, read_json_reply
+from gateway.upstream.relay import ChunksResponse, Finish, StreamRelayResponse, read_json_reply
 
 Headers = list[tuple[bytes, bytes]]
 _SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
@@ -52,6 +60,7 @@ class Prepared:
     image: ImageRequest
     body: bytes | FormBody  # the client's JSON bytes, or an edit's form streamed from its spool
     path: str = GENERATIONS_PATH  # the upstream route
+    fingerprint: str | None = None  # identifies the request for Idempotency-Key; None: the body's bytes
 
     def release(self) -> None:
         """Free what the body holds (an edit's spooled files) once the upstream has it, or never will."""
@@ -68,22 +77,39 @@ async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare) -> Any:
     model_label = "-"
     principal = None
     prepared: Prepared | None = None
+    ticket: Ticket | None = None
     try:
         principal = await gw.authenticate(arrival.request)
+        key = idempotency_key(arrival.request.headers)
         prepared = await prepare(principal)
         image = prepared.image
         model_label = image.model
         if principal.models is not None and image.model not in principal.models:
             raise ModelNotAllowed(f"This key may not use the model '{image.model}'.", param="model")
+        if key is not None and gw.idempotency is not None:
+            ticket = await gw.idempotency.begin(principal.user, key, arrival.route,
+                                                _fingerprint(prepared), rid)
+            if ticket.replay is not None:
+                prepared.release()
+                return ticket.replay
         exchange = Exchange(rid, principal, image, route=arrival.route, started=arrival.received,
-                            started_ms=arrival.received_ms)
+                            started_ms=arrival.received_ms, ticket=ticket)
         limit_headers = await admit(gw, exchange)
     except GatewayError as err:
         if prepared is not None:
             prepared.release()
+        if ticket is not None:
+            await ticket.release()  # refused before the upstream: the key can be used again
         gw.meter.refused(arrival.route, model_label, err, principal)
         return err.to_response(rid)
     return await call_upstream(gw, exchange, prepared, arrival.request, limit_headers)
+
+
+def _fingerprint(prepared: Prepared) -> str:
+    if prepared.fingerprint is not None:
+        return prepared.fingerprint
+    assert isinstance(prepared.body, bytes), "a front door with a streamed body gives its own fingerprint"
+    return body_fingerprint(prepared.body)
 
 
 async def call_upstream(gw: Gateway, exchange: Exchange, prepared: Prepared, request: Request,
@@ -104,14 +130,31 @@ async def call_upstream(gw: Gateway, exchange: Exchange, prepared: Prepared, req
             current.uncancel()
         return ShuttingDown().to_response(exchange.request_id)
     if isinstance(outcome, UpstreamReply):
-        return StreamRelayResponse(exchange, outcome, [*_SSE_HEADERS, *headers], gw.meter.finish, timeout)
+        return _stream_relay(gw, exchange, outcome, [*_SSE_HEADERS, *headers], timeout)
     return outcome
 
 
 def _drain_orphaned_stream(task: asyncio.Task[Any], gw: Gateway, exchange: Exchange, timeout: float) -> None:
     """A stream whose requester was cancelled as its reply arrived: read it to the end and settle it."""
     if not task.cancelled() and task.exception() is None and isinstance(task.result(), UpstreamReply):
-        spawn(StreamRelayResponse(exchange, task.result(), [], gw.meter.finish, timeout).drain_and_finish())
+        spawn(_stream_relay(gw, exchange, task.result(), [], timeout).drain_and_finish())
+
+
+def _stream_relay(gw: Gateway, exchange: Exchange, reply: UpstreamReply, headers: Headers,
+                  timeout: float) -> StreamRelayResponse:
+    ticket = exchange.ticket
+    if ticket is None or ticket.tap is None:
+        return StreamRelayResponse(exchange, reply, headers, gw.meter.finish, timeout)
+    return StreamRelayResponse(exchange, reply, headers, _finish_keeping(gw, ticket, reply.response.status),
+                               timeout, tap=ticket.tap)
+
+
+def _finish_keeping(gw: Gateway, ticket: Ticket, status: int) -> Finish:
+    """Finish a stream, then keep its event bytes as its Idempotency-Key's answer."""
+    async def finish(exchange: Exchange) -> None:
+        await gw.meter.finish(exchange)
+        await ticket.conclude(answer_of(status, "text/event-stream", ticket.tap or []))
+    return finish
 
 
 async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: Request, headers: Headers,
@@ -121,6 +164,7 @@ async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: 
     Returns the stream's ``UpstreamReply`` (the relay finishes it), or the client's response.
     """
     rid = exchange.request_id
+    kept: Answer | None = None  # the answer an Idempotency-Key's repeats get; None: release the key
     try:
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key is not None:
@@ -136,14 +180,22 @@ async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: 
         exchange.status = reply.response.status
         content_type = reply.response.headers.get("content-type", "application/json").encode()
         response: Any = ChunksResponse(reply.response.status, chunks, [(b"content-type", content_type), *headers])
+        if exchange.ticket is not None:
+            kept = answer_of(reply.response.status, content_type.decode(), chunks)
     except GatewayError as err:
         exchange.status = err.status
         exchange.error_reason = exchange.error_reason or err.code
         err.headers.update((k.decode(), v.decode()) for k, v in limit_headers)  # x-ratelimit-*: admitted
         response = err.to_response(rid)
+        if exchange.ticket is not None and may_have_billed(err):
+            kept = answer_of_error(err)
     except Exception:
         exchange.status, exchange.error_reason = 500, "internal_error"
         await gw.meter.finish(exchange)
+        if exchange.ticket is not None:
+            await exchange.ticket.release()
         raise
     await gw.meter.finish(exchange)
+    if exchange.ticket is not None:
+        await exchange.ticket.conclude(kept)
     return response

@@ -75,8 +75,9 @@ class StreamRelayResponse:
     """Forwards an upstream SSE stream event for event, byte for byte."""
 
     def __init__(self, exchange: Exchange, reply: UpstreamReply, headers: list[tuple[bytes, bytes]],
-                 finish: Finish, timeout_seconds: float) -> None:
+                 finish: Finish, timeout_seconds: float, *, tap: list[bytes] | None = None) -> None:
         self.exchange = exchange
+        self.tap = tap  # when given, collects every byte the client is sent (an Idempotency-Key's answer)
         self.reply = reply
         self.headers = headers
         self.finish = finish
@@ -113,18 +114,30 @@ class StreamRelayResponse:
         """
         try:
             async for chunk in self.reply.response.content.iter_any():
-                self.parser.feed(chunk)
+                self._seen(chunk)
                 await self._send(send, chunk, more=True)
         except READ_ERRORS as exc:
             for chunk in salvage(self.reply.response.content):
-                self.parser.feed(chunk)
+                self._seen(chunk)
                 await self._send(send, chunk, more=True)
-            err: GatewayError = translate_read_error(exc, self.timeout_seconds)
-            self.exchange.error_reason = err.code
-            self._close_upstream()
-            return sse_error_event(err)
+            return self._failed(exc)
         self._close_upstream()
         return b""
+
+    def _seen(self, chunk: bytes) -> None:
+        self.parser.feed(chunk)
+        if self.tap is not None:
+            self.tap.append(chunk)
+
+    def _failed(self, exc: BaseException) -> bytes:
+        """Close a stream that failed mid-way; returns its final error event."""
+        err: GatewayError = translate_read_error(exc, self.timeout_seconds)
+        self.exchange.error_reason = err.code
+        self._close_upstream()
+        tail = sse_error_event(err)
+        if self.tap is not None:
+            self.tap.append(tail)
+        return tail
 
     async def _send(self, send: Send, chunk: bytes, *, more: bool) -> None:
         if self.exchange.client_gone:
@@ -149,11 +162,11 @@ class StreamRelayResponse:
         self.exchange.client_gone = True
         try:
             async for chunk in self.reply.response.content.iter_any():
-                self.parser.feed(chunk)
+                self._seen(chunk)
         except READ_ERRORS as exc:
             for chunk in salvage(self.reply.response.content):
-                self.parser.feed(chunk)
-            self.exchange.error_reason = translate_read_error(exc, self.timeout_seconds).code
+                self._seen(chunk)
+            self._failed(exc)
         finally:
             self._close_upstream()
         await self.finish(self.exchange)

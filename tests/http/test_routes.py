@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from gateway.metering.ledger import parse_iso
+from gateway.pipeline.onbehalf import upstream_idempotency_key
 from tests.support.procs import RedisServer, Service, free_port, start_fake_upstream, start_gateway, wait_until
 
 KEY = "sk-igw-test_routes-0123456789abcdef"
@@ -133,9 +134,11 @@ def test_user_and_idempotency_key_go_upstream_scoped_to_the_gateway_user(gateway
     assert json.loads(alice["raw"])["user"] != json.loads(bob["raw"])["user"]
     assert alice["headers"]["idempotency-key"] != bob["headers"]["idempotency-key"]
     assert "k-1" not in (alice["headers"]["idempotency-key"], bob["headers"]["idempotency-key"])
-    again = _forwarded(b'{"prompt":"y","user":"someone-else"}', stats, gateway, **{"idempotency-key": "k-1"})
+    # Another request under the same key would be refused (422, tests/idempotency): another key here.
+    again = _forwarded(b'{"prompt":"y","user":"someone-else"}', stats, gateway, **{"idempotency-key": "k-2"})
     assert json.loads(again["raw"])["user"] == json.loads(alice["raw"])["user"]  # stable per gateway user
-    assert again["headers"]["idempotency-key"] == alice["headers"]["idempotency-key"]
+    assert alice["headers"]["idempotency-key"] == upstream_idempotency_key("alice", "k-1")  # stable per user and key
+    assert again["headers"]["idempotency-key"] == upstream_idempotency_key("alice", "k-2")
 
 
 async def test_async_sdk_stream_with_partial_images(gateway: Service) -> None:
