@@ -1,6 +1,7 @@
 """Idempotency-Key as a user sees it: the official SDK → gateway process → fake TTAPI process, real Redis.
 
-Each test uses fresh keys (uuid), so tests share the module's gateway without meeting each other.
+Each test uses fresh keys (uuid), so tests share the module's gateway (two workers: a repeat may
+land on either) without meeting each other.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def env(fake_url: str, redis_url: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def gateway(fake: Service, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = start_gateway(config(), env(fake.url, redis_server.url), tmp=tmp_path_factory.mktemp("gw"))
+    svc = start_gateway(config(), env(fake.url, redis_server.url), tmp=tmp_path_factory.mktemp("gw"), workers=2)
     yield svc
     svc.stop()
 
