@@ -10,7 +10,7 @@ from gateway.errors import GatewayError
 from gateway.http.body import parse_json_object, read_body
 from gateway.http.context import gateway_of, received_of, request_id_of
 from gateway.http.form import read_form
-from gateway.idempotency.fingerprint import json_fingerprint
+from gateway.idempotency.fingerprint import form_fingerprint, json_fingerprint
 from gateway.pipeline.edit_rules import validate_edit
 from gateway.pipeline.lifecycle import Arrival, Prepared, handle
 from gateway.pipeline.onbehalf import upstream_user
@@ -35,7 +35,7 @@ async def create_image(request: Request) -> object:
         data["model"] = image.model
         if "user" in data:
             data["user"] = upstream_user(principal.user)
-        return Prepared(image, orjson.dumps(data), fingerprint=json_fingerprint(data))
+        return Prepared(image, orjson.dumps(data), fingerprint=lambda: json_fingerprint(data))
 
     return await handle(gw, arrival_of(request, GENERATIONS), prepare)
 
@@ -55,6 +55,8 @@ async def edit_image(request: Request) -> object:
         fields = [(name, upstream_user(principal.user) if name == "user" else value) for name, value in form.fields]
         if image.model_defaulted:
             fields.append(("model", image.model))
-        return Prepared(image, FormBody(fields, form.files), path=EDITS_PATH)
+        files = [(f.field, f.filename, f.content_type, f.file) for f in form.files]
+        return Prepared(image, FormBody(fields, form.files), path=EDITS_PATH,
+                        fingerprint=lambda: form_fingerprint(fields, files))
 
     return await handle(gw, arrival_of(request, EDITS), prepare)

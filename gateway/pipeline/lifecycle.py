@@ -60,7 +60,8 @@ class Prepared:
     image: ImageRequest
     body: bytes | FormBody  # the client's JSON bytes, or an edit's form streamed from its spool
     path: str = GENERATIONS_PATH  # the upstream route
-    fingerprint: str | None = None  # identifies the request for Idempotency-Key; None: the body's bytes
+    # What identifies the request under an Idempotency-Key; called only when one is given. None: the body's bytes.
+    fingerprint: Callable[[], str] | None = None
 
     def release(self) -> None:
         """Free what the body holds (an edit's spooled files) once the upstream has it, or never will."""
@@ -107,7 +108,7 @@ async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare) -> Any:
 
 def _fingerprint(prepared: Prepared) -> str:
     if prepared.fingerprint is not None:
-        return prepared.fingerprint
+        return prepared.fingerprint()
     assert isinstance(prepared.body, bytes), "a front door with a streamed body gives its own fingerprint"
     return body_fingerprint(prepared.body)
 
