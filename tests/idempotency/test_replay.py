@@ -7,6 +7,7 @@ land on either) without meeting each other.
 from __future__ import annotations
 
 import hashlib
+import signal
 import threading
 import uuid
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ def config(**extra: Any) -> dict[str, Any]:
     return {"plans": {"default": {}, "single": {"max_concurrent_requests": 1}},
             "keys": [{"user": user, "plan": plan, "sha256": hashlib.sha256(key.encode()).hexdigest()}
                      for key, (user, plan) in users.items()],
-            "upstream": {"timeout_seconds": 3}, **extra}
+            "upstream": {"timeout_seconds": 3}, **extra}  # extra may override upstream
 
 
 @pytest.fixture(scope="module")
@@ -143,17 +144,19 @@ def test_a_malformed_key_is_refused_with_400(gateway: Service, calls: Any, value
     assert calls() == 0
 
 
-def test_requests_the_gateway_refused_do_not_burn_their_key(gateway: Service, calls: Any) -> None:
+def test_requests_the_gateway_refused_do_not_burn_their_key(gateway: Service, fake: Service, calls: Any) -> None:
     key = new_key()
     with pytest.raises(openai.BadRequestError):
         generate(gateway, key, key=CAROL, n=11)  # invalid: refused before the key is claimed
     # Carol may run one request at a time: a second while the first runs is refused (429) after the claim.
+    gate = new_key()
     with ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(generate, gateway, new_key(), CAROL, fake={"latency": 1.5})
-        wait_until(lambda: calls() == 1, "the slow request at the upstream")
+        held = pool.submit(generate, gateway, new_key(), CAROL, fake={"gate": gate})
+        wait_until(lambda: calls() == 1, "the held request at the upstream")
         with pytest.raises(openai.RateLimitError):
             generate(gateway, key, key=CAROL)
-        assert slow.result().status_code == 200
+        httpx.post(f"{fake.url}/_fake/gates/{gate}")
+        assert held.result().status_code == 200
     # Not held until the claim's lease ends (upstream timeout + 60 s): it runs at once.
     answer = generate(gateway, key, key=CAROL, timeout=30)
     assert answer.status_code == 200 and "idempotent-replayed" not in answer.headers
@@ -179,9 +182,9 @@ def test_a_stream_replay_gives_the_same_event_bytes(gateway: Service, calls: Any
 def test_an_upstream_timeout_after_sending_is_stored_and_replayed(gateway: Service, calls: Any) -> None:
     key = new_key()
     with pytest.raises(openai.InternalServerError) as first:
-        generate(gateway, key, fake={"latency": 5})  # upstream.timeout_seconds is 3
+        generate(gateway, key, fake={"hang": True})  # past upstream.timeout_seconds (3)
     with pytest.raises(openai.InternalServerError) as again:
-        generate(gateway, key, fake={"latency": 5})
+        generate(gateway, key, fake={"hang": True})
     assert first.value.status_code == again.value.status_code == 504
     assert again.value.response.content == first.value.response.content
     assert again.value.response.headers["idempotent-replayed"] == "true"
@@ -234,3 +237,28 @@ def test_an_unreachable_upstream_does_not_burn_the_key(redis_url: str, tmp_path:
     assert [a.status_code for a in answers] == [502, 502]
     assert all(a.body["code"] == "upstream_unavailable" for a in answers)  # type: ignore[index]
     assert "idempotent-replayed" not in answers[1].response.headers
+
+
+def test_a_retry_after_the_gateway_stopped_mid_request_gets_its_answer(fake: Service, redis_url: str, calls: Any,
+                                                                       tmp_path: Path) -> None:
+    """The 503 of a gateway stopping past its grace says: retry with the same key. That retry gets the image."""
+    key, gate = new_key(), new_key()
+    stopping = start_gateway(config(upstream={"timeout_seconds": 60}),
+                             {**env(fake.url, redis_url), "GATEWAY_GRACE_SECONDS": "1"}, tmp=tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(generate, stopping, key, fake={"gate": gate})
+        wait_until(lambda: calls() == 1, "the request at the upstream")
+        stopped = pool.submit(stopping.stop, signal.SIGTERM)  # returns once the process has exited
+        with pytest.raises(openai.InternalServerError) as refused:
+            first.result()
+        assert refused.value.status_code == 503 and refused.value.response.headers["x-should-retry"] == "false"
+        httpx.post(f"{fake.url}/_fake/gates/{gate}")  # the upstream answers the call still running
+        stopped.result()
+    restarted = start_gateway(config(), env(fake.url, redis_url), tmp=tmp_path)
+    try:
+        again = generate(restarted, key, fake={"gate": gate})
+    finally:
+        restarted.stop()
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert b"b64_json" in again.content
+    assert calls() == 1
