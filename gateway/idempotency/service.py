@@ -14,7 +14,7 @@ import time
 
 from starlette.responses import Response
 
-from gateway.errors import IdempotencyKeyInUse, IdempotencyKeyReused, ServiceUnavailable
+from gateway.errors import GatewayError, IdempotencyKeyInUse, IdempotencyKeyReused, ServiceUnavailable
 from gateway.idempotency.answers import Answer, replay_response
 from gateway.idempotency.header import HEADER
 from gateway.idempotency.store import ClaimState, IdempotencyStore
@@ -90,10 +90,15 @@ class Ticket:
             else:
                 await owner.store.complete(self._user, self._key, self._fingerprint, answer)
         except REDIS_ERRORS as exc:
-            # The claim stays until its lease expires; then a repeat runs the request again.
             owner.metrics.redis_errors.labels("idempotency").inc()
-            log.warning("idempotency: could not %s request %s's answer (%s)",
-                        "release" if answer is None else "store", self._token, type(exc).__name__)
+            self._not_concluded(answer, exc)
+        except GatewayError as exc:  # the image store failed (counted in gateway_storage_errors_total)
+            self._not_concluded(answer, exc)
+
+    def _not_concluded(self, answer: Answer | None, exc: BaseException) -> None:
+        # The claim stays until its lease expires; then a repeat runs the request again.
+        log.warning("idempotency: could not %s request %s's answer (%s)",
+                    "release" if answer is None else "store", self._token, type(exc).__name__)
 
     async def release(self) -> None:
         """The gateway refused the request before the upstream: the key can be used again."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from gateway.errors import StorageUnavailable
 from gateway.idempotency.answers import Answer, decode_answer
 from gateway.idempotency.bodies import AnswerBodies, InlineBodies
 from gateway.redisdb.keys import RedisKeys
@@ -65,7 +66,11 @@ class IdempotencyStore:
         if state is ClaimState.DONE:
             status, headers, body, blob = reply[1:5]
             if blob:
-                body = await self._bodies.get(_text(blob))
+                try:
+                    body = await self._bodies.get(_text(blob))
+                except LookupError as exc:
+                    raise StorageUnavailable("The stored answer of this Idempotency-Key is no longer in the image "
+                                             "store.") from exc
             return Claim(state, answer=decode_answer(status, headers, body))
         return Claim(state)
 
