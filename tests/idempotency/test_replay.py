@@ -7,6 +7,7 @@ land on either) without meeting each other.
 from __future__ import annotations
 
 import hashlib
+import io
 import signal
 import threading
 import uuid
@@ -20,6 +21,7 @@ import httpx
 import openai
 import pytest
 import redis
+from PIL import Image
 
 from gateway.pipeline.onbehalf import upstream_idempotency_key
 from tests.support.procs import RedisServer, Service, free_port, start_fake_upstream, start_gateway, wait_until
@@ -261,4 +263,23 @@ def test_a_retry_after_the_gateway_stopped_mid_request_gets_its_answer(fake: Ser
         restarted.stop()
     assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
     assert b"b64_json" in again.content
+    assert calls() == 1
+
+
+def test_an_edit_repeat_replays_and_another_image_under_the_key_is_422(gateway: Service, calls: Any) -> None:
+    key = new_key()
+
+    def edit(colour: str, filename: str = "in.png") -> Any:
+        picture = io.BytesIO()
+        Image.new("RGB", (64, 64), colour).save(picture, "PNG")
+        return sdk(gateway, max_retries=0).images.with_raw_response.edit(
+            image=(filename, picture.getvalue(), "image/png"), prompt="add a hat", model="gpt-image-1",
+            quality="low", extra_headers={"Idempotency-Key": key}).http_response
+
+    first, again = edit("red"), edit("red")  # the SDK draws a new multipart boundary each time
+    assert again.content == first.content and again.headers["idempotent-replayed"] == "true"
+    with pytest.raises(openai.UnprocessableEntityError):
+        edit("blue")
+    with pytest.raises(openai.UnprocessableEntityError):  # the same generation body on another route
+        generate(gateway, key, prompt="add a hat")
     assert calls() == 1
