@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gateway.auth.authenticator import Principal
-from gateway.idempotency.service import Ticket
 from gateway.limits.limiter import Admission
 from gateway.metering.pricing import Estimate
 from gateway.pipeline.request import GENERATIONS, ImageRequest
 from gateway.upstream.observe import Usage
+
+if TYPE_CHECKING:  # not at run time: the CLI imports this module, and the service imports metrics
+    from gateway.idempotency.service import Ticket
 
 
 @dataclass(slots=True)
