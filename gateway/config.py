@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from gateway.imagestore.settings import StorageSettings
+from gateway.jobs.settings import JobsSettings
 from gateway.validators import LIMIT_MAX, check_number, control_free, valid_name
 from gateway.validators import ConfigError as ConfigError  # re-exported: the config's error
 
@@ -151,6 +152,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
+    jobs: JobsSettings = field(default_factory=JobsSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     default_model: str | None = "gpt-image-1"
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
@@ -168,8 +170,8 @@ class Settings:
 
 # --- parsing -----------------------------------------------------------------------------------
 
-_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "default_model", "models", "plans", "keys",
-             "max_body_bytes", "max_edit_body_bytes"}
+_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "jobs", "default_model", "models",
+             "plans", "keys", "max_body_bytes", "max_edit_body_bytes"}
 
 
 def _mapping(value: Any, key: str) -> Mapping[str, Any]:
@@ -189,7 +191,8 @@ def _check_known(section: Mapping[str, Any], allowed: set[str], key: str) -> Non
 
 _POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "settle_queue_size",
              "pipeline_connections", "health_interval_seconds", "health_timeout_seconds", "health_failures",
-             "admission_queue", "admission_wait_seconds"}
+             "admission_queue", "admission_wait_seconds", "concurrency", "visibility_timeout_seconds",
+             "poll_seconds", "ttl_seconds"}
 
 
 def _section(cls: type, raw: Any, key: str) -> Any:
@@ -360,16 +363,10 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
         usage = replace(usage, spool_path=default_spool_path(env))
     max_body = check_number(raw.get("max_body_bytes", 1024 * 1024), "max_body_bytes", integer=True, minimum=1024)
     return Settings(
-        upstream=upstream,
-        redis=redis,
-        metrics=_section(MetricsSettings, raw.get("metrics"), "metrics"),
-        auth=_section(AuthSettings, raw.get("auth"), "auth"),
-        usage=usage,
-        storage=_storage(raw.get("storage"), env),
-        default_model=default_model,
-        models=models,
-        plans=plans,
-        keys=_keys(raw.get("keys"), plans, models),
+        upstream=upstream, redis=redis, metrics=_section(MetricsSettings, raw.get("metrics"), "metrics"),
+        auth=_section(AuthSettings, raw.get("auth"), "auth"), usage=usage,
+        jobs=_section(JobsSettings, raw.get("jobs"), "jobs"), storage=_storage(raw.get("storage"), env),
+        default_model=default_model, models=models, plans=plans, keys=_keys(raw.get("keys"), plans, models),
         max_body_bytes=max_body,
         max_edit_body_bytes=check_number(raw.get("max_edit_body_bytes", 64 * 1024 * 1024), "max_edit_body_bytes",
                                          integer=True, minimum=1024),

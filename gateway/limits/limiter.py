@@ -176,6 +176,7 @@ class Limiter:
         # Every script call goes through the batcher: one pipeline per loop tick, not one round trip each.
         self.batcher = batcher or Batcher(client)
         self._admit_keys = functools.lru_cache(maxsize=8192)(self._build_admit_keys)
+        self._client = client
         self.lease_ms = lease_ms
         self.ledger_maxlen = ledger_maxlen
         self.day_ttl_s = day_ttl_s
@@ -250,6 +251,10 @@ class Limiter:
         keys = [k.requests_window(user), k.images_window(user), k.inflight(user), k.reservations(user),
                 k.day_usage(user, periods.day), k.month_usage(user, periods.month), k.settled(user, request_id)]
         return bool(int(await self.batcher.run(self._cancel, keys, [request_id, n, self.settled_ttl_s])))
+
+    async def drop_lease(self, user: str, request_id: str) -> None:
+        """Free the concurrency slot of a paced job found cancelled (its reservation is already gone)."""
+        await self._client.zrem(self.keys.inflight(user), request_id)
 
     async def release(self, admission: Admission, record: Mapping[str, str] | None = None) -> bool:
         """Settle a failed call: it costs nothing, but still counts as a finished request."""

@@ -12,6 +12,7 @@ from gateway.auth.authenticator import Authenticator, Principal
 from gateway.auth.guard import AuthGuard
 from gateway.auth.keystore import KeyStore
 from gateway.config import Settings
+from gateway.jobs.queue import JobQueue
 from gateway.limits.limiter import Limiter
 from gateway.metering.meter import Meter
 from gateway.metering.metrics import Metrics
@@ -29,7 +30,8 @@ class Gateway:
     def __init__(self, settings: Settings, *, metrics: Metrics, upstream: UpstreamClient, redis: Any = None,
                  limiter: Limiter | None = None, auth: Authenticator | None = None, meter: Meter | None = None,
                  keystore: KeyStore | None = None, guard: AuthGuard | None = None,
-                 health: Health | None = None, pipeline_redis: Any = None) -> None:
+                 health: Health | None = None, pipeline_redis: Any = None, jobs: JobQueue | None = None,
+                 image_store: Any = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.upstream = upstream
@@ -37,6 +39,8 @@ class Gateway:
         self.limiter = limiter
         self.keystore = keystore
         self.guard = guard
+        self.jobs = jobs  # the asynchronous job queue (needs Redis)
+        self.image_store = image_store  # gateway/imagestore (None: no store configured)
         self.auth = auth or Authenticator(settings, store=keystore)
         self.meter = meter or Meter(settings, metrics, limiter)
         self.health = health
@@ -67,6 +71,8 @@ class Gateway:
             await self.limiter.batcher.close()
         if self.health is not None:
             await self.health.close()
+        if self.image_store is not None:
+            await self.image_store.close()
         await self.upstream.close()
         if self.redis is not None:
             await self.redis.aclose()
@@ -106,5 +112,19 @@ async def open_gateway(settings: Settings, metrics: Metrics, *, session: aiohttp
                           max_size=settings.usage.settle_queue_size, spool=Spool(settings.usage.spool_path))
     meter = Meter(settings, metrics, limiter, settler=settler)
     await meter.start()
+    jobs = JobQueue(redis, redis_keys, ttl_seconds=settings.jobs.ttl_seconds)
     return Gateway(settings, metrics=metrics, upstream=upstream, redis=redis, keystore=keystore, guard=guard,
-                   limiter=limiter, meter=meter, health=health, pipeline_redis=pipeline_redis)
+                   limiter=limiter, meter=meter, health=health, pipeline_redis=pipeline_redis,
+                   jobs=jobs, image_store=await _open_image_store(settings, metrics))
+
+
+async def _open_image_store(settings: Settings, metrics: Metrics) -> Any:
+    """The image store of ``storage:``, started (bucket created); None without one."""
+    storage = getattr(settings, "storage", None)
+    if storage is None or not storage.enabled:
+        return None
+    from gateway.imagestore.store import ImageStore
+
+    store = ImageStore(storage, metrics)
+    await store.start()
+    return store

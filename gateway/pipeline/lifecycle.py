@@ -15,10 +15,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 
 from gateway.auth.authenticator import Principal
-from gateway.errors import GatewayError, ModelNotAllowed, ShuttingDown
+from gateway.errors import GatewayError, ModelNotAllowed, ShuttingDown, UpstreamError
 from gateway.pipeline.admission import admit
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.gateway import Gateway
@@ -60,9 +61,13 @@ class Prepared:
 
 
 Prepare = Callable[[Principal], Awaitable[Prepared]]
+Admit = Callable[[Gateway, Exchange], Awaitable[Headers]]
+# What follows admission: by default the upstream call and relay; a job's submission enqueues instead.
+Then = Callable[[Gateway, Exchange, Prepared, Headers], Awaitable[Any]]
 
 
-async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare) -> Any:
+async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare, *, admit_with: Admit = admit,
+                 then: Then | None = None) -> Any:
     """Run one request through the pipeline; returns the ASGI response for the client."""
     rid = arrival.request_id
     model_label = "-"
@@ -77,7 +82,9 @@ async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare) -> Any:
             raise ModelNotAllowed(f"This key may not use the model '{image.model}'.", param="model")
         exchange = Exchange(rid, principal, image, route=arrival.route, started=arrival.received,
                             started_ms=arrival.received_ms)
-        limit_headers = await admit(gw, exchange)
+        limit_headers = await admit_with(gw, exchange)
+        if then is not None:
+            return await then(gw, exchange, prepared, limit_headers)
     except GatewayError as err:
         if prepared is not None:
             prepared.release()
@@ -125,20 +132,20 @@ async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: 
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key is not None:
             idempotency_key = upstream_idempotency_key(exchange.principal.user, idempotency_key)
-        try:
-            reply = await gw.upstream.send(prepared.body, request.headers, rid, idempotency_key=idempotency_key,
-                                           path=prepared.path)
-        finally:
-            prepared.release()
-        if reply.is_event_stream:
-            return reply
-        chunks = await read_json_reply(exchange, reply, gw.settings.upstream.timeout_seconds)
-        exchange.status = reply.response.status
-        content_type = reply.response.headers.get("content-type", "application/json").encode()
-        response: Any = ChunksResponse(reply.response.status, chunks, [(b"content-type", content_type), *headers])
+        async def send() -> UpstreamReply:
+            try:
+                return await gw.upstream.send(prepared.body, request.headers, rid, idempotency_key=idempotency_key,
+                                              path=prepared.path)
+            finally:
+                prepared.release()
+
+        outcome = await _exchange(gw, exchange, send)
+        if isinstance(outcome, UpstreamReply):
+            return outcome
+        content_type, chunks = outcome
+        response: Any = ChunksResponse(exchange.status, chunks, [(b"content-type", content_type), *headers])
     except GatewayError as err:
-        exchange.status = err.status
-        exchange.error_reason = exchange.error_reason or err.code
+        _failed(exchange, err)
         err.headers.update((k.decode(), v.decode()) for k, v in limit_headers)  # x-ratelimit-*: admitted
         response = err.to_response(rid)
     except Exception:
@@ -147,3 +154,42 @@ async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: 
         raise
     await gw.meter.finish(exchange)
     return response
+
+
+async def run_detached(gw: Gateway, exchange: Exchange, body: bytes, idempotency_key: str) -> tuple[int, bytes]:
+    """An admitted request no client waits for (a job): call the upstream, read its JSON answer, settle.
+
+    Returns the status and body (the upstream's, or the gateway's own OpenAI-shaped error).
+    """
+    try:
+        outcome = await _exchange(gw, exchange, lambda: gw.upstream.send(body, {}, exchange.request_id,
+                                                                         idempotency_key=idempotency_key))
+        if isinstance(outcome, UpstreamReply):  # jobs are submitted without stream: true
+            outcome.response.release()
+            raise UpstreamError(502, "The upstream answered a job with an event stream.")
+        answer = b"".join(outcome[1])
+    except GatewayError as err:
+        _failed(exchange, err)
+        answer = orjson.dumps(err.body())
+    except Exception:
+        exchange.status, exchange.error_reason = 500, "internal_error"
+        await gw.meter.finish(exchange)
+        raise
+    await gw.meter.finish(exchange)
+    return exchange.status, answer
+
+
+async def _exchange(gw: Gateway, exchange: Exchange,
+                    send: Callable[[], Awaitable[UpstreamReply]]) -> UpstreamReply | tuple[bytes, list[bytes]]:
+    """Send upstream; a stream's reply as it arrived, else (content type, body chunks) read whole."""
+    reply = await send()
+    if reply.is_event_stream:
+        return reply
+    chunks = await read_json_reply(exchange, reply, gw.settings.upstream.timeout_seconds)
+    exchange.status = reply.response.status
+    return reply.response.headers.get("content-type", "application/json").encode(), chunks
+
+
+def _failed(exchange: Exchange, err: GatewayError) -> None:
+    exchange.status = err.status
+    exchange.error_reason = exchange.error_reason or err.code

@@ -1,0 +1,32 @@
+"""A worker's job services, started in the app's lifespan: the runner and the queue gauges (webhooks: webhooks.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from gateway.jobs.runner import Runner
+from gateway.pipeline.gateway import Gateway
+from gateway.redisdb.client import REDIS_ERRORS
+
+log = logging.getLogger("gateway.jobs")
+GAUGE_SECONDS = 5.0
+
+
+async def run_jobs(gw: Gateway) -> None:
+    """Run jobs and refresh the queue gauges until cancelled; nothing without a job queue and a store."""
+    if gw.jobs is None or gw.image_store is None:
+        return
+    runner = Runner(gw, gw.jobs, gw.image_store)
+    await asyncio.gather(runner.run(), _gauges(gw))
+
+
+async def _gauges(gw: Gateway) -> None:
+    assert gw.jobs is not None
+    while True:
+        with contextlib.suppress(*REDIS_ERRORS):
+            queued, oldest = await gw.jobs.waiting()
+            gw.metrics.jobs_queued.set(queued)
+            gw.metrics.jobs_oldest_age.set(oldest)
+        await asyncio.sleep(GAUGE_SECONDS)
