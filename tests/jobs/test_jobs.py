@@ -6,7 +6,11 @@ A user's view: submit with ``Prefer: respond-async``, poll ``GET /v1/images/jobs
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -187,3 +191,25 @@ def test_sigkill_with_five_jobs_in_flight_loses_none(upstream: Service, redis_ur
             assert len([r for r in records(redis_url, "alice") if r["request_id"] == i]) == 1
     finally:
         gw2.stop()
+
+
+def test_cli_list_show_cancel(upstream: Service, redis_url: str, s3_store: S3Store) -> None:
+    gw = gateway(upstream, redis_url, s3_store, {"max_concurrent_requests": 1})
+    try:
+        ids = [submit(gw, fake={"latency": 1}).json()["id"] for _ in range(3)]
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "gateway", "jobs", *args], capture_output=True, text=True,
+                                  env={**os.environ, "REDIS_URL": redis_url}, timeout=60)
+
+        listed = cli("list", "--user", "alice", "--json")
+        assert listed.returncode == 0 and {j["id"] for j in json.loads(listed.stdout)["data"]} == set(ids)
+        shown = cli("show", ids[2])
+        assert shown.returncode == 0 and json.loads(shown.stdout)["user"] == "alice"
+        assert cli("cancel", ids[2]).returncode == 0
+        assert get_job(gw, ids[2]).json()["error"]["code"] == "job_cancelled"
+        assert finished(gw, ids[0])["status"] == "succeeded"
+        assert cli("cancel", ids[0]).returncode == 1  # finished: no longer cancellable
+        assert cli("show", "imgjob_nope").returncode == 1
+    finally:
+        gw.stop()
