@@ -9,7 +9,7 @@ from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.http.context import gateway_of, request_id_of
 from gateway.jobs.control import cancel_job
 from gateway.jobs.model import Job
-from gateway.jobs.results import with_urls
+from gateway.jobs.results import job_object
 from gateway.pipeline.gateway import Gateway
 
 
@@ -23,20 +23,12 @@ async def _own_job(gw: Gateway, request: Request) -> Job:
     return job
 
 
-async def show_job(gw: Gateway, job: Job) -> dict[str, object]:
-    """The ``image.job`` object, images as freshly presigned URLs."""
-    shown = job.public()
-    if gw.image_store is not None:
-        shown["result"] = await with_urls(gw.image_store, job.result)
-    return shown
-
-
 async def get_job(request: Request) -> Response:
     """``GET /v1/images/jobs/{id}``."""
     gw = gateway_of(request)
     try:
         job = await _own_job(gw, request)
-        return JSONResponse(await show_job(gw, job))
+        return JSONResponse(await job_object(gw.image_store, job))
     except GatewayError as err:
         return err.to_response(request_id_of(request))
 
@@ -50,6 +42,6 @@ async def delete_job(request: Request) -> Response:
             raise InvalidRequest(f"The job is {job.status} and can no longer be cancelled.", param="id")
         gw.metrics.jobs.labels("cancelled").inc()
         fresh = await gw.jobs.get(job.user, job.id)
-        return JSONResponse(await show_job(gw, fresh or job))
+        return JSONResponse(await job_object(gw.image_store, fresh or job))
     except GatewayError as err:
         return err.to_response(request_id_of(request))

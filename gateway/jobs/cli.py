@@ -54,7 +54,7 @@ async def _find(queue: JobQueue, job_id: str) -> Any:
 
 def _list(args: argparse.Namespace) -> int:
     async def action(queue: JobQueue, _: Limiter) -> int:
-        jobs = await queue.list(args.user, args.limit)
+        jobs = await queue.of_user(args.user, args.limit)
         if args.json:
             print(json.dumps({"data": [_stored(j) for j in jobs]}, indent=2))
             return 0

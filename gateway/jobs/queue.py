@@ -72,7 +72,7 @@ class JobQueue:
         value = await self.redis.get(self.keys.job_owner(job_id))
         return None if value is None else _text(value)
 
-    async def list(self, user: str, limit: int = 100) -> list[Job]:
+    async def of_user(self, user: str, limit: int = 100) -> list[Job]:
         """The user's jobs, newest first."""
         ids = await self.redis.zrevrange(self.keys.job_list(user), 0, limit - 1)
         jobs = [await self.get(user, _text(i)) for i in ids]

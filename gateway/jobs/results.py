@@ -39,3 +39,11 @@ async def with_urls(store: Store, result: dict[str, Any] | None) -> dict[str, An
         if isinstance(item, dict) and "image_key" in item:
             item["url"] = await store.presigned_url(item.pop("image_key"))
     return shown
+
+
+async def job_object(store: Store | None, job: Any) -> dict[str, Any]:
+    """The ``image.job`` object users see (the API and webhooks), images as freshly presigned URLs."""
+    shown: dict[str, Any] = job.public()
+    if store is not None:
+        shown["result"] = await with_urls(store, job.result)
+    return shown

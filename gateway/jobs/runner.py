@@ -203,7 +203,10 @@ class Runner:
         self.gw.metrics.jobs.labels(status).inc()
         job.status, job.completed_ms, job.result, job.error = status, done, result, error
         if self.on_finished is not None:
-            await self.on_finished(job)
+            try:
+                await self.on_finished(job)
+            except (*REDIS_ERRORS, GatewayError):  # type: ignore[misc]
+                log.error("job %s finished but its webhook could not be scheduled (Redis unavailable)", job.id)
 
 
 def _error_of(status: int, answer: bytes) -> dict[str, Any]:

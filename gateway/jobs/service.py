@@ -1,4 +1,4 @@
-"""A worker's job services, started in the app's lifespan: the runner and the queue gauges (webhooks: webhooks.py)."""
+"""A worker's job services, started in the app's lifespan: the runner, the webhook sender, the queue gauges."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import logging
 
 from gateway.jobs.runner import Runner
+from gateway.jobs.webhooks import Webhooks
 from gateway.pipeline.gateway import Gateway
 from gateway.redisdb.client import REDIS_ERRORS
 
@@ -18,8 +19,9 @@ async def run_jobs(gw: Gateway) -> None:
     """Run jobs and refresh the queue gauges until cancelled; nothing without a job queue and a store."""
     if gw.jobs is None or gw.image_store is None:
         return
-    runner = Runner(gw, gw.jobs, gw.image_store)
-    await asyncio.gather(runner.run(), _gauges(gw))
+    webhooks = Webhooks(gw, gw.jobs)
+    runner = Runner(gw, gw.jobs, gw.image_store, on_finished=webhooks.finished)
+    await asyncio.gather(runner.run(), webhooks.run(), _gauges(gw))
 
 
 async def _gauges(gw: Gateway) -> None:

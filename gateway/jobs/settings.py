@@ -16,3 +16,5 @@ class JobsSettings:
     poll_seconds: float = 0.2  # how often an idle runner looks for new jobs
     allow_private_webhooks: bool = False  # webhooks to loopback, private and link-local addresses
     webhook_retry_seconds: float = 86_400.0  # non-2xx deliveries are retried with backoff this long
+    webhook_first_retry_seconds: float = 5.0  # the first retry's delay; each next one doubles (at most 1 h)
+    webhook_timeout_seconds: float = 10.0  # one delivery attempt, connect to last byte
