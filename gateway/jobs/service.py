@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 from gateway.jobs.runner import Runner
 from gateway.jobs.webhooks import Webhooks
@@ -24,6 +25,14 @@ async def run_jobs(gw: Gateway) -> None:
     await asyncio.gather(runner.run(), webhooks.run(), _gauges(gw))
 
 
+@dataclass(frozen=True, slots=True)
+class JobsSummary:
+    """The queue as the admin console's live page shows it (``gw.jobs_summary``)."""
+
+    queued: int
+    oldest_age_seconds: int
+
+
 async def _gauges(gw: Gateway) -> None:
     assert gw.jobs is not None
     while True:
@@ -31,4 +40,5 @@ async def _gauges(gw: Gateway) -> None:
             queued, oldest = await gw.jobs.waiting()
             gw.metrics.jobs_queued.set(queued)
             gw.metrics.jobs_oldest_age.set(oldest)
+            gw.jobs_summary = JobsSummary(queued, round(oldest))
         await asyncio.sleep(GAUGE_SECONDS)

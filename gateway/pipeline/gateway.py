@@ -41,6 +41,7 @@ class Gateway:
         self.guard = guard
         self.jobs = jobs  # the asynchronous job queue (needs Redis)
         self.image_store = image_store  # gateway/imagestore (None: no store configured)
+        self.jobs_summary: Any = None  # the job queue's depth and age, refreshed by gateway/jobs/service.py
         self.auth = auth or Authenticator(settings, store=keystore)
         self.meter = meter or Meter(settings, metrics, limiter)
         self.health = health
