@@ -218,6 +218,9 @@ def test_cli_list_show_cancel(upstream: Service, redis_url: str, s3_store: S3Sto
         assert cli("cancel", ids[2]).returncode == 0
         assert get_job(gw, ids[2]).json()["error"]["code"] == "job_cancelled"
         assert cli("cancel", ids[0]).returncode == 1  # started: no longer cancellable
+        # One job still waits (ids[1]): the queue gauges say so.
+        wait_until(lambda: "gateway_jobs_queued 1.0" in httpx.get(gw.url + "/metrics").text, "queue gauge")
+        assert 'gateway_jobs_total{status="submitted"} 3.0' in httpx.get(gw.url + "/metrics").text
         assert cli("show", "imgjob_nope").returncode == 1
     finally:
         gw.stop(signal.SIGKILL)  # not worth waiting for the 20 s job
