@@ -12,6 +12,7 @@ from gateway.auth.authenticator import Authenticator, Principal
 from gateway.auth.guard import AuthGuard
 from gateway.auth.keystore import KeyStore
 from gateway.config import Settings
+from gateway.imagestore.store import ImageStore
 from gateway.jobs.queue import JobQueue
 from gateway.limits.limiter import Limiter
 from gateway.metering.meter import Meter
@@ -31,7 +32,7 @@ class Gateway:
                  limiter: Limiter | None = None, auth: Authenticator | None = None, meter: Meter | None = None,
                  keystore: KeyStore | None = None, guard: AuthGuard | None = None,
                  health: Health | None = None, pipeline_redis: Any = None, jobs: JobQueue | None = None,
-                 image_store: Any = None) -> None:
+                 image_store: ImageStore | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.upstream = upstream
@@ -119,13 +120,10 @@ async def open_gateway(settings: Settings, metrics: Metrics, *, session: aiohttp
                    jobs=jobs, image_store=await _open_image_store(settings, metrics))
 
 
-async def _open_image_store(settings: Settings, metrics: Metrics) -> Any:
+async def _open_image_store(settings: Settings, metrics: Metrics) -> ImageStore | None:
     """The image store of ``storage:``, started (bucket created); None without one."""
-    storage = getattr(settings, "storage", None)
-    if storage is None or not storage.enabled:
+    if not settings.storage.enabled:
         return None
-    from gateway.imagestore.store import ImageStore
-
-    store = ImageStore(storage, metrics)
+    store = ImageStore(settings.storage, metrics)
     await store.start()
     return store
