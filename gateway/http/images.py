@@ -37,7 +37,7 @@ async def create_image(request: Request) -> object:
             data["user"] = upstream_user(principal.user)
         return Prepared(image, orjson.dumps(data))
 
-    if wants_async(request):  # a job (SPEC section 10); edits take the same turn when they land
+    if wants_async(request):  # a job (SPEC section 10); edits are not yet (docs/architecture.md)
         return await handle(gw, arrival_of(request, GENERATIONS), prepare, admit_with=reserve, then=enqueue)
     return await handle(gw, arrival_of(request, GENERATIONS), prepare)
 
