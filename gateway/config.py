@@ -19,6 +19,7 @@ import yaml
 from gateway.http.settings import ServerSettings
 from gateway.idempotency.settings import IdempotencySettings
 from gateway.imagestore.settings import StorageSettings
+from gateway.jobs.settings import JobsSettings
 from gateway.sections import ENV_OVERRIDES as ENV_OVERRIDES  # re-exported
 from gateway.sections import check_known as _check_known
 from gateway.sections import mapping as _mapping
@@ -154,6 +155,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
+    jobs: JobsSettings = field(default_factory=JobsSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     idempotency: IdempotencySettings = field(default_factory=IdempotencySettings)
@@ -174,8 +176,8 @@ class Settings:
 
 # --- parsing -----------------------------------------------------------------------------------
 
-_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "server", "idempotency", "default_model",
-             "models", "plans", "keys", "max_body_bytes", "max_edit_body_bytes"}
+_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "server", "idempotency", "jobs",
+             "default_model", "models", "plans", "keys", "max_body_bytes", "max_edit_body_bytes"}
 
 
 def _limits(raw: Any, key: str) -> dict[str, Any]:
@@ -329,6 +331,7 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
         storage=_storage(raw.get("storage"), env),
         server=_section(ServerSettings, raw.get("server"), "server", env),
         idempotency=_section(IdempotencySettings, raw.get("idempotency"), "idempotency"),
+        jobs=_section(JobsSettings, raw.get("jobs"), "jobs"),
         default_model=default_model,
         models=models,
         plans=plans,

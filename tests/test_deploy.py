@@ -32,8 +32,12 @@ K8S = DEPLOY / "kubernetes"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "gateway.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 
-# SPEC section 7.
+# SPEC section 7, and section 10's job metrics (with the two docs/api.md adds for the queue's age and webhooks).
 SPEC_METRICS = frozenset({
+    "gateway_jobs_total",
+    "gateway_jobs_queued",
+    "gateway_jobs_oldest_age_seconds",
+    "gateway_webhook_deliveries_total",
     "gateway_requests_total",
     "gateway_request_duration_seconds",
     "gateway_upstream_duration_seconds",

@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace, action: Callable[[KeyStore], Awaitable[int]])
 
 def _create(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"user": args.user}
-    for name in ("team", "plan", "name", "expires_at"):
+    for name in ("team", "plan", "name", "expires_at", "webhook_url"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     if args.limit:
@@ -74,7 +74,9 @@ def _create(args: argparse.Namespace) -> int:
         else:
             print(f"id:  {created.record.id}")
             print(f"key: {created.key}")
-            print("The key is shown only this once: store it now.", file=sys.stderr)
+            if created.webhook_secret is not None:
+                print(f"webhook_secret: {created.webhook_secret}")
+            print("The key (and webhook secret) is shown only this once: store it now.", file=sys.stderr)
         return 0
 
     return _run(args, action)
@@ -133,6 +135,8 @@ def register(subparsers: Any) -> None:
     create.add_argument("--plan", help="a plan of the config (default: default)")
     create.add_argument("--name", help="a label for people")
     create.add_argument("--expires-at", dest="expires_at", help="ISO 8601 UTC, e.g. 2027-01-31T00:00:00Z")
+    create.add_argument("--webhook-url", dest="webhook_url",
+                        help="POST each finished job here, signed (Standard Webhooks); prints the secret once")
     create.add_argument("--limit", action="append", type=_limit, metavar="NAME=VALUE",
                         help="a per-key limit override, e.g. requests_per_minute=10 (null: unlimited); repeatable")
     create.add_argument("--model", action="append", metavar="MODEL",

@@ -46,6 +46,7 @@ class StoredKey:
     created_at: str
     expires_at: str | None
     revoked: bool = False
+    webhook_url: str | None = None  # finished jobs are POSTed here (its signing secret is kept apart)
 
     def usable(self, now: datetime) -> bool:
         if self.revoked:

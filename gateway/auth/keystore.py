@@ -11,6 +11,8 @@ key                        type    content
 =========================  ======  ==========================================================
 ``key:<sha256>``           hash    the record: id user team plan limits models name
                                    created_at expires_at revoked revoked_at (values JSON)
+                                   webhook_url, and webhook_secret (never in a key object but
+                                   the create answer: it signs the key's job webhooks)
 ``keyid:<id>``             string  the key's sha256 (revoke by id)
 ``{u:<user>}:keys``        set     ids of the user's keys that are not revoked
 ``users``                  set     every user a key was ever created for
@@ -26,6 +28,7 @@ refuses a revoked key within 5 s.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import re
@@ -39,6 +42,7 @@ from typing import Any
 from gateway.auth.authenticator import StoredKey
 from gateway.config import ConfigError, Settings, _limits, _model_list, key_digest
 from gateway.errors import InvalidRequest, MissingParameter, ServiceUnavailable
+from gateway.jobs.ssrf import check_webhook_url
 from gateway.redisdb.client import REDIS_ERRORS
 from gateway.redisdb.keys import RedisKeys
 from gateway.validators import control_free, valid_name
@@ -47,8 +51,9 @@ KEY_PREFIX = "sk-igw-"
 _PREFIX_ALPHABET = string.ascii_lowercase + string.digits
 _PREFIX_LEN = 8
 _NAME_MAX = 200
-_FIELDS = ("user", "team", "plan", "limits", "models", "name", "expires_at")
-_RECORD = ("id", "user", "team", "plan", "limits", "models", "name", "created_at", "expires_at", "revoked")
+_FIELDS = ("user", "team", "plan", "limits", "models", "name", "expires_at", "webhook_url")
+_RECORD = ("id", "user", "team", "plan", "limits", "models", "name", "created_at", "expires_at", "revoked",
+           "webhook_url")
 _ID_ATTEMPTS = 5
 KEY_ID_RE = re.compile(r"^key_[a-z0-9]{8}$")
 
@@ -73,17 +78,22 @@ class KeySpec:
     models: tuple[str, ...] | None
     name: str | None
     expires_at: str | None
+    webhook_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class NewKey:
-    """A key just created: the plaintext (shown once) and its record."""
+    """A key just created: the plaintext and the webhook secret (both shown once) and its record."""
 
     key: str
     record: StoredKey
+    webhook_secret: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return key_object(self.record, self.key)
+        out = key_object(self.record, self.key)
+        if self.webhook_secret is not None:
+            out["webhook_secret"] = self.webhook_secret
+        return out
 
 
 def key_object(record: StoredKey, key: str | None = None) -> dict[str, Any]:
@@ -93,7 +103,7 @@ def key_object(record: StoredKey, key: str | None = None) -> dict[str, Any]:
         out["key"] = key
     out.update(user=record.user, team=record.team, plan=record.plan, limits=dict(record.limits),
                models=None if record.models is None else list(record.models), name=record.name,
-               created_at=record.created_at, expires_at=record.expires_at)
+               created_at=record.created_at, expires_at=record.expires_at, webhook_url=record.webhook_url)
     return out
 
 
@@ -157,8 +167,11 @@ def validate_key_spec(body: Mapping[str, Any], settings: Settings, now: datetime
     if name is not None and (not isinstance(name, str) or len(name) > _NAME_MAX or not control_free(name)):
         raise InvalidRequest(f"Invalid 'name': must be a string of at most {_NAME_MAX} characters, without "
                              "control characters.", param="name")
+    webhook_url = body.get("webhook_url")
+    if webhook_url is not None:
+        webhook_url = check_webhook_url(webhook_url, settings.jobs.allow_private_webhooks)
     return KeySpec(user=user, team=team, plan=plan, limits=limits, models=models, name=name,
-                   expires_at=_expires_at(body.get("expires_at"), now))
+                   expires_at=_expires_at(body.get("expires_at"), now), webhook_url=webhook_url)
 
 
 def _text(value: Any) -> str:
@@ -175,7 +188,7 @@ def _decode(raw: Mapping[Any, Any]) -> StoredKey:
     return StoredKey(id=data["id"], user=data["user"], team=data.get("team"), plan=data["plan"],
                      limits=dict(data.get("limits") or {}), models=None if models is None else tuple(models),
                      name=data.get("name"), created_at=data["created_at"], expires_at=data.get("expires_at"),
-                     revoked=bool(data.get("revoked")))
+                     revoked=bool(data.get("revoked")), webhook_url=data.get("webhook_url"))
 
 
 def new_key() -> tuple[str, str]:
@@ -219,13 +232,31 @@ class KeyStore:
                 raise ServiceUnavailable("Could not allocate a key id; try again.")
             record = StoredKey(id=key_id, user=spec.user, team=spec.team, plan=spec.plan, limits=spec.limits,
                                models=spec.models, name=spec.name, created_at=iso_utc(now),
-                               expires_at=spec.expires_at)
+                               expires_at=spec.expires_at, webhook_url=spec.webhook_url)
+            fields = _encode(record)
+            secret = None
+            if spec.webhook_url is not None:
+                # Standard Webhooks: whsec_ + base64 of 24 random bytes; kept to sign, shown only now.
+                secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+                fields["webhook_secret"] = json.dumps(secret)
             pipe = self._redis.pipeline(transaction=False)
             pipe.sadd(k.user_keys(spec.user), key_id)
             pipe.sadd(k.users(), spec.user)
             await pipe.execute()
-            await self._redis.hset(k.api_key(digest), mapping=_encode(record))
-        return NewKey(key=plaintext, record=record)
+            await self._redis.hset(k.api_key(digest), mapping=fields)
+        return NewKey(key=plaintext, record=record, webhook_secret=secret)
+
+    async def webhook(self, key_id: str) -> tuple[str, str] | None:
+        """The key's webhook URL and signing secret, if it has a webhook (revoked keys too: the job was theirs)."""
+        k = self._keys
+        with self._redis_errors("key_lookup"):
+            digest = await self._redis.get(k.api_key_id(key_id))
+            if digest is None:
+                return None
+            url, secret = await self._redis.hmget(k.api_key(_text(digest)), "webhook_url", "webhook_secret")
+        if url is None or secret is None or json.loads(_text(url)) is None:
+            return None
+        return json.loads(_text(url)), json.loads(_text(secret))
 
     async def lookup(self, digest: str) -> StoredKey | None:
         """The record of the key with this SHA-256, revoked and expired ones included (one HGETALL)."""

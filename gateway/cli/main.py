@@ -1,4 +1,4 @@
-"""The ``gateway`` command: serve, check-config, keys, usage, fake-upstream, demo.
+"""The ``gateway`` command: serve, check-config, keys, usage, jobs, fake-upstream, demo.
 
 One dispatch style: every subcommand sets ``func``, a function of the parsed arguments that
 returns the exit status; every command that reads the config takes ``--config``.
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from gateway.admin.keys_cli import register as register_keys
 from gateway.admin.usage_cli import register as register_usage
 from gateway.cli.common import settings_or_report
+from gateway.jobs.cli import register as register_jobs
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_keys(sub)
     register_usage(sub)
+    register_jobs(sub)
     return parser
 
 

@@ -56,12 +56,16 @@ class Stats:
     aborted: int = 0  # the client went away before the answer was complete
     cut: int = 0  # connections dropped on purpose (cut_after)
     files_served: int = 0
+    in_flight: int = 0  # generation requests being answered now
+    max_in_flight: int = 0  # the most at once since the last reset (pacing tests)
     usage: dict[str, int] = field(default_factory=_zero_usage)
     by_model: dict[str, dict[str, int]] = field(default_factory=dict)
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=200))
 
     def reset(self) -> None:
+        in_flight = self.in_flight  # requests still being answered end after the reset
         self.__dict__.update(vars(Stats()))
+        self.in_flight = self.max_in_flight = in_flight
 
     def begin(self, request: web.Request) -> dict[str, Any]:
         self.requests += 1
@@ -90,8 +94,9 @@ class Stats:
 
     def as_json(self) -> dict[str, Any]:
         by_status = {str(k): v for k, v in sorted(self.by_status.items())}
-        return {"requests": self.requests, "by_status": by_status,
-                "aborted": self.aborted, "cut": self.cut, "files_served": self.files_served,
+        return {"requests": self.requests, "by_status": by_status, "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight, "aborted": self.aborted, "cut": self.cut,
+                "files_served": self.files_served,
                 "usage": self.usage, "by_model": self.by_model, "recent": list(self.recent)}
 
 
@@ -116,6 +121,8 @@ async def edit(request: web.Request) -> web.StreamResponse:
 async def _serve(request: web.Request, *, edit: bool) -> web.StreamResponse:
     stats = request.app[STATS]
     entry = stats.begin(request)
+    stats.in_flight += 1
+    stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
     try:
         return await _generate(request, entry, stats, edit)
     except FakeError as exc:
@@ -127,6 +134,8 @@ async def _serve(request: web.Request, *, edit: bool) -> web.StreamResponse:
     except ConnectionError:  # the client went away while we wrote; aiohttp finishes quietly
         stats.aborted += 1
         return web.Response()
+    finally:
+        stats.in_flight -= 1
 
 
 async def _read_json(request: web.Request, entry: dict[str, Any]) -> Any:

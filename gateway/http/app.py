@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -20,7 +21,10 @@ from gateway.console.routes import CONSOLE_ROUTES
 from gateway.errors import GatewayError
 from gateway.http import system
 from gateway.http.images import create_image, edit_image
+from gateway.http.jobs import delete_job, get_job
 from gateway.http.middleware import RequestIdMiddleware
+from gateway.jobs.service import run_jobs
+from gateway.jobs.submit import JOBS_PATH
 from gateway.metering.metrics import Metrics
 from gateway.pipeline.gateway import open_gateway
 from gateway.pipeline.request import EDITS, GENERATIONS
@@ -29,6 +33,8 @@ from gateway.tasks import drain_background_tasks
 ROUTES = [
     Route(GENERATIONS, create_image, methods=["POST"]),
     Route(EDITS, edit_image, methods=["POST"]),
+    Route(JOBS_PATH + "/{job_id}", get_job, methods=["GET"]),
+    Route(JOBS_PATH + "/{job_id}", delete_job, methods=["DELETE"]),
     Route("/v1/models", system.list_models, methods=["GET"]),
     Route("/healthz", system.healthz, methods=["GET"]),
     Route("/readyz", system.readyz, methods=["GET"]),
@@ -44,9 +50,12 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         gw = await open_gateway(settings, metrics, session=session, redis=redis)
+        jobs = asyncio.create_task(run_jobs(gw))  # this worker's job runner and webhook sender
         try:
             yield {"gateway": gw}
         finally:
+            jobs.cancel()  # jobs already calling the upstream finish in the drain below
+            await asyncio.gather(jobs, return_exceptions=True)
             await drain_background_tasks(grace_seconds=settings.upstream.timeout_seconds)
             await gw.close()
 

@@ -11,6 +11,7 @@ from gateway.http.body import parse_json_object, read_body
 from gateway.http.context import gateway_of, received_of, request_id_of
 from gateway.http.form import read_form
 from gateway.idempotency.fingerprint import form_fingerprint, json_fingerprint
+from gateway.jobs.submit import enqueue, reserve, wants_async
 from gateway.pipeline.edit_rules import validate_edit
 from gateway.pipeline.lifecycle import Arrival, Prepared, handle
 from gateway.pipeline.onbehalf import upstream_user
@@ -37,6 +38,8 @@ async def create_image(request: Request) -> object:
             data["user"] = upstream_user(principal.user)
         return Prepared(image, orjson.dumps(data), fingerprint=lambda: json_fingerprint(data))
 
+    if wants_async(request):  # a job (SPEC section 10); edits are not yet (docs/architecture.md)
+        return await handle(gw, arrival_of(request, GENERATIONS), prepare, admit_with=reserve, then=enqueue)
     return await handle(gw, arrival_of(request, GENERATIONS), prepare)
 
 

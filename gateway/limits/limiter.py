@@ -60,6 +60,7 @@ from gateway.redisdb.batcher import Batcher
 from gateway.redisdb.keys import RedisKeys
 
 WINDOW_MS = 60_000
+ADMIT_MODES = ("all", "reserve", "pace")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _QUOTA_UNITS = {"tokens_per_day": "tokens", "tokens_per_month": "tokens", "images_per_day": "images",
                 "images_per_month": "images", "usd_per_month": "USD"}
@@ -175,6 +176,7 @@ class Limiter:
         # Every script call goes through the batcher: one pipeline per loop tick, not one round trip each.
         self.batcher = batcher or Batcher(client)
         self._admit_keys = functools.lru_cache(maxsize=8192)(self._build_admit_keys)
+        self._client = client
         self.lease_ms = lease_ms
         self.ledger_maxlen = ledger_maxlen
         self.day_ttl_s = day_ttl_s
@@ -191,17 +193,22 @@ class Limiter:
                 k.day_usage(user, day), k.month_usage(user, month))
 
     async def admit(self, *, user: str, limits: Limits, request_id: str, n: int, est_tokens: int,
-                    est_usd_micros: int, now_ms: int, queue_deadline: float | None = None) -> Admission:
+                    est_usd_micros: int, now_ms: int, queue_deadline: float | None = None,
+                    mode: str = "all") -> Admission:
         """Admit a request or raise ``RateLimited`` / ``QuotaExceeded``; Redis errors and ``Shed`` propagate.
 
         ``queue_deadline`` (monotonic seconds): shed rather than wait for Redis past it (see ``Batcher``).
+        ``mode`` splits a job's admission in two (admit.lua): ``reserve`` checks and reserves the
+        quotas at submission, ``pace`` checks the per-minute and concurrency limits when it starts.
         """
+        if mode not in ADMIT_MODES:
+            raise ValueError(f"mode must be one of {ADMIT_MODES}, got {mode!r}")
         _check_counts(n=n, est_tokens=est_tokens, est_usd_micros=est_usd_micros)
         periods = utc_periods(now_ms)
         deadline = now_ms + self.lease_ms
         keys = self._admit_keys(user, periods.day, periods.month)
         args: list[Any] = [request_id, now_ms, deadline, n, est_tokens, est_usd_micros,
-                           *_plan_args(limits), self.day_ttl_s, self.month_ttl_s, WINDOW_MS]
+                           *_plan_args(limits), self.day_ttl_s, self.month_ttl_s, WINDOW_MS, mode]
         reply = await self.batcher.run(self._admit, keys, args, deadline=queue_deadline)
         if int(reply[0]) == 0:
             raise _refusal(_text(reply[1]), int(reply[2]), limits, periods)
@@ -244,6 +251,10 @@ class Limiter:
         keys = [k.requests_window(user), k.images_window(user), k.inflight(user), k.reservations(user),
                 k.day_usage(user, periods.day), k.month_usage(user, periods.month), k.settled(user, request_id)]
         return bool(int(await self.batcher.run(self._cancel, keys, [request_id, n, self.settled_ttl_s])))
+
+    async def drop_lease(self, user: str, request_id: str) -> None:
+        """Free the concurrency slot of a paced job found cancelled (its reservation is already gone)."""
+        await self._client.zrem(self.keys.inflight(user), request_id)
 
     async def release(self, admission: Admission, record: Mapping[str, str] | None = None) -> bool:
         """Settle a failed call: it costs nothing, but still counts as a finished request."""

@@ -31,12 +31,14 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # Exactly the ``op`` values the code emits (tests/metering/test_metrics.py checks both ways), so a
 # dashboard sees every series at 0 before the first failure and no series that can never move.
 REDIS_OPS = ("admit", "cancel", "settle", "ping", "auth_guard", "key_create", "key_lookup", "key_list",
-             "key_revoke", "usage", "idempotency")
+             "key_revoke", "usage", "idempotency", "jobs")
 LOST_SETTLEMENT_REASONS = ("no_spool", "spool_error")
 STORAGE_OPS = ("start", "put", "get", "presign")  # ImageStore._call(op)
 SHED_REASONS = ("queue_full", "deadline")
 UPSTREAM_ERROR_REASONS = ("upstream_timeout", "upstream_unavailable", "upstream_auth_failed", "status_4xx",
                           "status_5xx")
+JOB_OUTCOMES = ("submitted", "succeeded", "failed", "cancelled")
+WEBHOOK_OUTCOMES = ("delivered", "retry", "gave_up", "refused")
 
 
 class Metrics:
@@ -90,6 +92,16 @@ class Metrics:
                                       "Admissions refused with 503 before reaching Redis: the admission queue "
                                       "was full (queue_full) or waiting would pass redis.admission_wait_seconds "
                                       "(deadline).", ("reason",), registry=r)
+        self.jobs = Counter("gateway_jobs_total", "Asynchronous jobs by what became of them (submitted, "
+                            "succeeded, failed, cancelled).", ("status",), registry=r)
+        # Read from Redis by every worker's runner: the same figure, so the workers' maximum.
+        self.jobs_queued = Gauge("gateway_jobs_queued", "Jobs waiting to start, all users.", registry=r,
+                                 multiprocess_mode="max")
+        self.jobs_oldest_age = Gauge("gateway_jobs_oldest_age_seconds", "Age of the oldest job waiting to start.",
+                                     registry=r, multiprocess_mode="max")
+        self.webhook_deliveries = Counter("gateway_webhook_deliveries_total",
+                                          "Webhook delivery attempts by outcome (delivered, retry, gave_up, "
+                                          "refused).", ("outcome",), registry=r)
 
         self.settlements_lost = Counter("gateway_usage_lost_settlements_total",
                                         "Settlements neither settled in Redis nor spooled (logged with their "
@@ -106,6 +118,11 @@ class Metrics:
             self.settlements_lost.labels(reason)
         for reason in SHED_REASONS:
             self.admission_shed.labels(reason)
+
+        for status in JOB_OUTCOMES:
+            self.jobs.labels(status)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries.labels(outcome)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: the hot path skips prometheus-client's checks and lock."""

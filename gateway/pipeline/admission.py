@@ -20,8 +20,11 @@ log = logging.getLogger("gateway.admission")
 RETRY_AFTER = "1"  # seconds, on a 503 from shedding or an unavailable Redis
 
 
-async def admit(gw: Gateway, exchange: Exchange) -> list[tuple[bytes, bytes]]:
-    """Reserve the request's limits in one Redis round trip; returns the x-ratelimit headers."""
+async def admit(gw: Gateway, exchange: Exchange, mode: str = "all") -> list[tuple[bytes, bytes]]:
+    """Reserve the request's limits in one Redis round trip; returns the x-ratelimit headers.
+
+    ``mode`` "reserve": a job's submission, which reserves the quotas only (``Limiter.admit``).
+    """
     model = gw.settings.models[exchange.request.model]
     exchange.estimate = estimate(model, exchange.request)
     if gw.limiter is None:
@@ -31,7 +34,7 @@ async def admit(gw: Gateway, exchange: Exchange) -> list[tuple[bytes, bytes]]:
         admission = await gw.limiter.admit(
             user=p.user, limits=p.limits, request_id=exchange.request_id, n=exchange.request.n,
             est_tokens=exchange.estimate.tokens, est_usd_micros=exchange.estimate.usd_micros,
-            now_ms=exchange.started_ms,
+            now_ms=exchange.started_ms, mode=mode,
             queue_deadline=time.monotonic() + gw.settings.redis.admission_wait_seconds)
     except Shed as exc:
         # Deliberate load shedding: never sent to Redis, so there is nothing to undo.

@@ -12,8 +12,11 @@ from gateway.auth.authenticator import Authenticator, Principal
 from gateway.auth.guard import AuthGuard
 from gateway.auth.keystore import KeyStore
 from gateway.config import Settings
+from gateway.idempotency.bodies import StoreBodies
 from gateway.idempotency.service import Idempotency
 from gateway.idempotency.store import IdempotencyStore
+from gateway.imagestore.store import ImageStore
+from gateway.jobs.queue import JobQueue
 from gateway.limits.limiter import Limiter
 from gateway.metering.meter import Meter
 from gateway.metering.metrics import Metrics
@@ -32,7 +35,8 @@ class Gateway:
                  limiter: Limiter | None = None, auth: Authenticator | None = None, meter: Meter | None = None,
                  keystore: KeyStore | None = None, guard: AuthGuard | None = None,
                  health: Health | None = None, pipeline_redis: Any = None,
-                 idempotency: Idempotency | None = None) -> None:
+                 idempotency: Idempotency | None = None, jobs: JobQueue | None = None,
+                 image_store: ImageStore | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.upstream = upstream
@@ -40,6 +44,9 @@ class Gateway:
         self.limiter = limiter
         self.keystore = keystore
         self.guard = guard
+        self.jobs = jobs  # the asynchronous job queue (needs Redis)
+        self.image_store = image_store  # gateway/imagestore (None: no store configured)
+        self.jobs_summary: Any = None  # the job queue's depth and age, refreshed by gateway/jobs/service.py
         self.auth = auth or Authenticator(settings, store=keystore)
         self.meter = meter or Meter(settings, metrics, limiter)
         self.health = health
@@ -71,6 +78,8 @@ class Gateway:
             await self.limiter.batcher.close()
         if self.health is not None:
             await self.health.close()
+        if self.image_store is not None:
+            await self.image_store.close()
         await self.upstream.close()
         if self.redis is not None:
             await self.redis.aclose()
@@ -111,10 +120,24 @@ async def open_gateway(settings: Settings, metrics: Metrics, *, session: aiohttp
                           max_size=settings.usage.settle_queue_size, spool=Spool(settings.usage.spool_path))
     meter = Meter(settings, metrics, limiter, settler=settler)
     await meter.start()
+    image_store = await _open_image_store(settings, metrics)
+    # Large stored answers go to the image store when there is one; otherwise they stay in Redis.
+    bodies = StoreBodies(image_store) if image_store is not None else None
     # An Idempotency-Key held by a dead worker is taken over after the same lease; waiters outlast it.
-    idempotency = Idempotency(IdempotencyStore(redis, redis_keys, ttl_seconds=settings.idempotency.ttl_seconds),
+    idempotency = Idempotency(IdempotencyStore(redis, redis_keys, ttl_seconds=settings.idempotency.ttl_seconds,
+                                               bodies=bodies),
                               metrics, lease_seconds=lease_seconds, wait_seconds=lease_seconds + 30,
                               serve_unguarded=settings.redis.on_unavailable == "allow")
+    jobs = JobQueue(redis, redis_keys, ttl_seconds=settings.jobs.ttl_seconds)
     return Gateway(settings, metrics=metrics, upstream=upstream, redis=redis, keystore=keystore, guard=guard,
                    limiter=limiter, meter=meter, health=health, pipeline_redis=pipeline_redis,
-                   idempotency=idempotency)
+                   idempotency=idempotency, jobs=jobs, image_store=image_store)
+
+
+async def _open_image_store(settings: Settings, metrics: Metrics) -> ImageStore | None:
+    """The image store of ``storage:``, started (bucket created); None without one."""
+    if not settings.storage.enabled:
+        return None
+    store = ImageStore(settings.storage, metrics)
+    await store.start()
+    return store

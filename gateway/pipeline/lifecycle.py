@@ -19,10 +19,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 
 from gateway.auth.authenticator import Principal
-from gateway.errors import GatewayError, ModelNotAllowed, ShuttingDown
+from gateway.errors import GatewayError, ModelNotAllowed, ShuttingDown, UpstreamError
 from gateway.idempotency.answers import Answer, answer_of, answer_of_error, may_have_billed
 from gateway.idempotency.fingerprint import body_fingerprint
 from gateway.idempotency.header import idempotency_key
@@ -70,9 +71,13 @@ class Prepared:
 
 
 Prepare = Callable[[Principal], Awaitable[Prepared]]
+Admit = Callable[[Gateway, Exchange], Awaitable[Headers]]
+# What follows admission: by default the upstream call and relay; a job's submission enqueues instead.
+Then = Callable[[Gateway, Exchange, Prepared, Headers], Awaitable[Any]]
 
 
-async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare) -> Any:
+async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare, *, admit_with: Admit = admit,
+                 then: Then | None = None) -> Any:
     """Run one request through the pipeline; returns the ASGI response for the client."""
     rid = arrival.request_id
     model_label = "-"
@@ -95,7 +100,13 @@ async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare) -> Any:
                 return ticket.replay
         exchange = Exchange(rid, principal, image, route=arrival.route, started=arrival.received,
                             started_ms=arrival.received_ms, ticket=ticket)
-        limit_headers = await admit(gw, exchange)
+        limit_headers = await admit_with(gw, exchange)
+        if then is not None:  # a job's submission: its 202 is the answer repeats of the key get
+            response = await then(gw, exchange, prepared, limit_headers)
+            if ticket is not None:
+                await ticket.conclude(answer_of(response.status_code, response.media_type or "application/json",
+                                                [bytes(response.body)]))
+            return response
     except GatewayError as err:
         if prepared is not None:
             prepared.release()
@@ -170,22 +181,22 @@ async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: 
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key is not None:
             idempotency_key = upstream_idempotency_key(exchange.principal.user, idempotency_key)
-        try:
-            reply = await gw.upstream.send(prepared.body, request.headers, rid, idempotency_key=idempotency_key,
-                                           path=prepared.path)
-        finally:
-            prepared.release()
-        if reply.is_event_stream:
-            return reply
-        chunks = await read_json_reply(exchange, reply, gw.settings.upstream.timeout_seconds)
-        exchange.status = reply.response.status
-        content_type = reply.response.headers.get("content-type", "application/json").encode()
-        response: Any = ChunksResponse(reply.response.status, chunks, [(b"content-type", content_type), *headers])
+        async def send() -> UpstreamReply:
+            try:
+                return await gw.upstream.send(prepared.body, request.headers, rid, idempotency_key=idempotency_key,
+                                              path=prepared.path)
+            finally:
+                prepared.release()
+
+        outcome = await _exchange(gw, exchange, send)
+        if isinstance(outcome, UpstreamReply):
+            return outcome
+        content_type, chunks = outcome
+        response: Any = ChunksResponse(exchange.status, chunks, [(b"content-type", content_type), *headers])
         if exchange.ticket is not None:
-            kept = answer_of(reply.response.status, content_type.decode(), chunks)
+            kept = answer_of(exchange.status, content_type.decode(), chunks)
     except GatewayError as err:
-        exchange.status = err.status
-        exchange.error_reason = exchange.error_reason or err.code
+        _failed(exchange, err)
         err.headers.update((k.decode(), v.decode()) for k, v in limit_headers)  # x-ratelimit-*: admitted
         response = err.to_response(rid)
         if exchange.ticket is not None and may_have_billed(err):
@@ -200,3 +211,42 @@ async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: 
     if exchange.ticket is not None:
         await exchange.ticket.conclude(kept)
     return response
+
+
+async def run_detached(gw: Gateway, exchange: Exchange, body: bytes, idempotency_key: str) -> tuple[int, bytes]:
+    """An admitted request no client waits for (a job): call the upstream, read its JSON answer, settle.
+
+    Returns the status and body (the upstream's, or the gateway's own OpenAI-shaped error).
+    """
+    try:
+        outcome = await _exchange(gw, exchange, lambda: gw.upstream.send(body, {}, exchange.request_id,
+                                                                         idempotency_key=idempotency_key))
+        if isinstance(outcome, UpstreamReply):  # jobs are submitted without stream: true
+            outcome.response.release()
+            raise UpstreamError(502, "The upstream answered a job with an event stream.")
+        answer = b"".join(outcome[1])
+    except GatewayError as err:
+        _failed(exchange, err)
+        answer = orjson.dumps(err.body())
+    except Exception:
+        exchange.status, exchange.error_reason = 500, "internal_error"
+        await gw.meter.finish(exchange)
+        raise
+    await gw.meter.finish(exchange)
+    return exchange.status, answer
+
+
+async def _exchange(gw: Gateway, exchange: Exchange,
+                    send: Callable[[], Awaitable[UpstreamReply]]) -> UpstreamReply | tuple[bytes, list[bytes]]:
+    """Send upstream; a stream's reply as it arrived, else (content type, body chunks) read whole."""
+    reply = await send()
+    if reply.is_event_stream:
+        return reply
+    chunks = await read_json_reply(exchange, reply, gw.settings.upstream.timeout_seconds)
+    exchange.status = reply.response.status
+    return reply.response.headers.get("content-type", "application/json").encode(), chunks
+
+
+def _failed(exchange: Exchange, err: GatewayError) -> None:
+    exchange.status = err.status
+    exchange.error_reason = exchange.error_reason or err.code

@@ -53,6 +53,33 @@ class RedisKeys:
     def idempotency(self, user: str, key_digest: str) -> str:
         """Hash: the claim and stored answer of one Idempotency-Key (its SHA-256) of the user."""
         return self.user(user, f"idem:{key_digest}")
+    def job_queue(self, user: str) -> str:
+        """Stream of the user's queued and running jobs (consumer group ``runners``)."""
+        return self.user(user, "jobs")
+
+    def job(self, user: str, job_id: str) -> str:
+        """Hash: one job's state, request and result."""
+        return self.user(user, f"job:{job_id}")
+
+    def job_list(self, user: str) -> str:
+        """Sorted set: the user's job ids by creation ms (listings)."""
+        return self.user(user, "joblist")
+
+    def job_owner(self, job_id: str) -> str:
+        """String: the user a job id belongs to (operators look jobs up by id alone)."""
+        return f"{self.prefix}jobowner:{job_id}"
+
+    def job_users(self) -> str:
+        """Sorted set: users that may have queued jobs (runners go round it) -> first seen ms."""
+        return f"{self.prefix}jobusers"
+
+    def jobs_waiting(self) -> str:
+        """Sorted set: ``user/job_id`` of every job not yet started -> creation ms (queue depth and age)."""
+        return f"{self.prefix}jobswaiting"
+
+    def webhook_due(self) -> str:
+        """Sorted set: ``user/job_id`` of webhook deliveries -> when the next attempt is due (ms)."""
+        return f"{self.prefix}webhooks"
 
     # --- keys (looked up by digest, not by user) ---
     def api_key(self, digest: str) -> str:

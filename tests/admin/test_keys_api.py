@@ -35,7 +35,8 @@ CONFIG: dict[str, Any] = {
     # These tests fail authentication on purpose; the brute-force guard has its own tests.
     "auth": {"failed_attempts_per_minute": 10_000},
 }
-KEY_FIELDS = {"id", "key", "user", "team", "plan", "limits", "models", "name", "created_at", "expires_at"}
+KEY_FIELDS = {"id", "key", "user", "team", "plan", "limits", "models", "name", "created_at", "expires_at",
+              "webhook_url"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -103,6 +103,18 @@ def test_create_prints_the_key_once_and_stores_only_its_digest(redis_url: str, c
         assert key.encode() not in name
 
 
+def test_create_with_a_webhook_prints_its_secret_once_and_refuses_loopback(redis_url: str, config_path: Path) -> None:
+    made = keys_cmd(redis_url, config_path, "create", "--user", "bob", "--webhook-url", "https://hooks.example/j")
+    assert made.returncode == 0, made.stderr
+    secret = dict(line.split(": ", 1) for line in made.stdout.splitlines())["webhook_secret"]
+    assert secret.startswith("whsec_") and made.stdout.count(secret) == 1
+    listed = keys_cmd(redis_url, config_path, "list", "--user", "bob", "--json")
+    assert json.loads(listed.stdout)["data"][0]["webhook_url"] == "https://hooks.example/j"
+    assert secret not in listed.stdout
+    refused = keys_cmd(redis_url, config_path, "create", "--user", "bob", "--webhook-url", "http://127.0.0.1/h")
+    assert refused.returncode == 2 and "webhook_url" in refused.stderr
+
+
 def test_config_comes_from_gateway_config_when_no_flag(redis_url: str, config_path: Path) -> None:
     made = keys_cmd(redis_url, config_path, "create", "--user", "carol", "--json",
                     env={"GATEWAY_CONFIG": str(config_path)}, with_config=False)

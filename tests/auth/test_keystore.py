@@ -81,7 +81,7 @@ async def test_create_returns_the_key_once_and_stores_only_its_digest(client: An
     assert created.as_dict() == {
         "id": created.record.id, "key": created.key, "user": "alice", "team": "art", "plan": "gold",
         "limits": {"requests_per_minute": 5, "usd_per_month": 12.5}, "models": ["gpt-image-1"], "name": "ci",
-        "created_at": "2026-11-24T12:00:00Z", "expires_at": "2027-01-31T00:00:00Z"}
+        "created_at": "2026-11-24T12:00:00Z", "expires_at": "2027-01-31T00:00:00Z", "webhook_url": None}
     contents = repr(await dump(client))
     secret = created.key.split("_", 1)[1]
     assert created.key not in contents and secret not in contents

@@ -11,6 +11,7 @@ import io
 import json
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -450,3 +451,17 @@ async def test_in_process_defaults_apply_and_requests_override_them() -> None:
         assert len(sse_events(streamed.content)) == 4
         assert (await http.post("/v1/images/generations", json=body)).status_code == 401
         assert (await http.get("/healthz")).status_code == 200
+
+
+def test_stats_report_the_most_requests_in_flight_at_once(upstream: Service) -> None:
+    start = threading.Barrier(3)
+
+    def one(_: int) -> int:
+        start.wait()
+        return post(upstream.url, {"prompt": "x", "fake": {"latency": 0.5}}).status_code
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(one, range(3))) == [200, 200, 200]
+    stats = httpx.get(upstream.url + "/_fake/stats").json()
+    assert stats["in_flight"] == 0
+    assert 2 <= stats["max_in_flight"] <= 3  # 3 sent together, each held 0.5 s

@@ -11,9 +11,13 @@
 --          max_concurrent_requests, tokens_per_day, tokens_per_month, images_per_day,
 --          images_per_month, usd_micros_per_month
 -- ARGV[15] day key TTL s         ARGV[16] month key TTL s ARGV[17] window ms (60000)
+-- ARGV[18] mode: 'all' (a request: every check and write), 'reserve' (a job's submission:
+--          quota checks and the reservation only), 'pace' (a job starting: per-minute and
+--          concurrency checks, window entries and lease only; its reservation was made at
+--          submission under the same request_id)
 -- returns  admitted: {1, requests_in_window, oldest_request_ms, images_in_window,
 --                     oldest_image_ms, day_tokens_committed, month_tokens_committed}
---          (status 2 instead of 1: this request_id was already admitted, nothing written)
+--          (status 2 instead of 1: this request_id was already admitted in this mode, nothing written)
 --          refused:  {0, limit_name, retry_after_ms}
 --
 -- Every check runs before any write, so a refused request leaves no trace. The only
@@ -23,6 +27,8 @@
 local rid, now, deadline = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n, est_tokens, est_usd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local window = tonumber(ARGV[17])
+local mode = ARGV[18] or 'all'
+local paced, reserved = mode ~= 'reserve', mode ~= 'pace'  -- what this mode checks and writes
 
 local function limit(i)
   local v = tonumber(ARGV[i])
@@ -70,7 +76,8 @@ local function admitted(status)
 end
 
 -- A retried admit (the reply of the first was lost) must neither count twice nor refuse.
-if redis.call('ZSCORE', KEYS[3], rid) then return admitted(2) end
+if paced and redis.call('ZSCORE', KEYS[3], rid) then return admitted(2) end
+if not paced and redis.call('HEXISTS', KEYS[4], rid) == 1 then return admitted(2) end
 
 -- Time until the k-th oldest entry of a window leaves it (the whole window if there is
 -- no such entry: the request can never fit, e.g. n > images_per_minute).
@@ -82,6 +89,8 @@ local function wait_for(key, k)
 end
 
 -- Checks, in the documented order.
+if not paced then conc, rpm, ipm = nil, nil, nil end
+if not reserved then tpd, tpm, ipd, ipmo, usdm = nil, nil, nil, nil, nil end
 if conc and redis.call('ZCOUNT', KEYS[3], '(' .. ARGV[2], '+inf') >= conc then
   -- When a slot frees is unknown (leases are upper bounds): suggest a short retry.
   return {0, 'max_concurrent_requests', 1000}
@@ -110,24 +119,27 @@ end
 
 -- Writes. Windows, lease and reservation are kept for every request, limited or not, so a
 -- user's limits count all of the user's requests whichever key (and key limits) they used.
-redis.call('ZADD', KEYS[1], now, rid)
-keep_for(KEYS[1], window)
-if n > 0 then
-  local members = {}
-  for i = 1, n do
-    members[#members + 1] = now
-    members[#members + 1] = rid .. ':' .. i
-  end
-  redis.call('ZADD', KEYS[2], unpack(members))
-  keep_for(KEYS[2], window)
-end
 -- Leases and reservations live as long as the month aggregate they reserve in: if they
 -- expired with the lease, an unsettled reservation could never be given back and the
 -- res_* counters would stay inflated for the rest of the period. Entries leave on settle
 -- or reclaim, so the keys stay small.
 local keep_ms = tonumber(ARGV[16]) * 1000
-redis.call('ZADD', KEYS[3], deadline, rid)
-keep_for(KEYS[3], keep_ms)
+if paced then
+  redis.call('ZADD', KEYS[1], now, rid)
+  keep_for(KEYS[1], window)
+  if n > 0 then
+    local members = {}
+    for i = 1, n do
+      members[#members + 1] = now
+      members[#members + 1] = rid .. ':' .. i
+    end
+    redis.call('ZADD', KEYS[2], unpack(members))
+    keep_for(KEYS[2], window)
+  end
+  redis.call('ZADD', KEYS[3], deadline, rid)
+  keep_for(KEYS[3], keep_ms)
+end
+if not reserved then return admitted(1) end
 -- The amounts are stored as the caller's strings: Lua's tostring would round big numbers.
 redis.call('HSET', KEYS[4], rid, ARGV[5] .. ' ' .. ARGV[4] .. ' ' .. ARGV[6] .. '\n' .. KEYS[5] .. '\n' .. KEYS[6])
 keep_for(KEYS[4], keep_ms)
