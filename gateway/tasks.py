@@ -20,5 +20,9 @@ def spawn(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
 
 async def drain_background_tasks(grace_seconds: float) -> None:
     """Wait (at shutdown) for upstream calls and streams still being read after their clients went away."""
-    if _background:
-        await asyncio.wait(list(_background), timeout=grace_seconds)
+    # Only this loop's tasks: one left behind by a loop that has since closed (an app run in-process and
+    # stopped) would never complete, and waiting on it would hold shutdown for the whole grace period.
+    loop = asyncio.get_running_loop()
+    mine = [task for task in _background if task.get_loop() is loop]
+    if mine:
+        await asyncio.wait(mine, timeout=grace_seconds)
