@@ -24,6 +24,7 @@ import yaml
 
 from gateway.config import key_digest
 from gateway.devtools import fake_images
+from gateway.devtools.seaweed import SeaweedS3
 
 DEMO_UPSTREAM_KEY = "demo-ttapi-key"
 SAMPLE = "sample.png"  # a small picture written into the demo's directory for the edit examples
@@ -86,6 +87,7 @@ def demo_config(key: str) -> dict[str, object]:
 def run_demo(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    store: SeaweedS3 | None = None
     log = open(workdir / "demo.log", "ab")
 
     def start(name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -111,16 +113,21 @@ def run_demo(args: argparse.Namespace) -> int:
             _wait_http(f"http://127.0.0.1:{fake_port}/healthz", fake, "fake upstream")
             env |= {"TTAPI_API_KEY": DEMO_UPSTREAM_KEY, "UPSTREAM_BASE_URL": f"http://127.0.0.1:{fake_port}"}
             upstream_note = f"the built-in fake TTAPI on port {fake_port} (set TTAPI_API_KEY to use the real one)"
+        store, store_note = _start_store(workdir)
+        if store is not None:
+            env |= {"STORAGE_ENDPOINT_URL": store.endpoint, "STORAGE_ACCESS_KEY_ID": store.access_key,
+                    "STORAGE_SECRET_ACCESS_KEY": store.secret_key}
         key = "sk-igw-demo_" + secrets.token_urlsafe(24)
         config = workdir / "gateway.yaml"
-        config.write_text(yaml.safe_dump(demo_config(key)))
+        config.write_text(yaml.safe_dump({**demo_config(key), **({"storage": {"bucket": "demo-images"}}
+                                                                  if store is not None else {})}))
         gateway = start("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--host",
                                     args.host, "--port", str(args.port)], env)
         _wait_http(f"http://127.0.0.1:{args.port}/healthz", gateway, "gateway")
         console = console_link(f"http://127.0.0.1:{args.port}", env["GATEWAY_ADMIN_TOKEN"])
         (workdir / SAMPLE).write_bytes(fake_images.encode("png", b"demo-img"))  # for the edit examples
         print(_banner(args.port, key, env["GATEWAY_ADMIN_TOKEN"], redis_bin, upstream_note, workdir, console),
-              flush=True)
+              f"Image store: {store_note}", flush=True)
         while all(p.poll() is None for _, p in procs):
             time.sleep(0.5)
         dead = [name for name, p in procs if p.poll() is not None]
@@ -138,8 +145,22 @@ def run_demo(args: argparse.Namespace) -> int:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if store is not None:
+            store.stop()
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_store(workdir: Path) -> tuple[SeaweedS3 | None, str]:
+    """An embedded SeaweedFS for image URLs and jobs, when the ``weed`` binary is installed."""
+    try:
+        (workdir / "store").mkdir()
+        store = SeaweedS3(str(workdir / "store")).start()
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        return None, f"none ({exc}); response_format=url and async jobs answer 400"
+    example = ('client.images.generate(model="gpt-image-1", prompt="a lighthouse", response_format="url")'
+               ".data[0].url")
+    return store, f"SeaweedFS at {store.endpoint} (private bucket, presigned URLs)\n  {example}\n"
 
 
 def console_link(base: str, admin: str) -> str:

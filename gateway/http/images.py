@@ -15,7 +15,7 @@ from gateway.jobs.submit import enqueue, reserve, wants_async
 from gateway.pipeline.edit_rules import validate_edit
 from gateway.pipeline.lifecycle import Arrival, Prepared, handle
 from gateway.pipeline.onbehalf import upstream_user
-from gateway.pipeline.request import EDITS, GENERATIONS, validate_image_request
+from gateway.pipeline.request import EDITS, GENERATIONS, stored_as_urls, validate_image_request
 from gateway.upstream.client import EDITS_PATH
 from gateway.upstream.form_body import FormBody
 
@@ -36,7 +36,8 @@ async def create_image(request: Request) -> object:
         data["model"] = image.model
         if "user" in data:
             data["user"] = upstream_user(principal.user)
-        return Prepared(image, orjson.dumps(data), fingerprint=lambda: json_fingerprint(data))
+        upstream = {k: v for k, v in data.items() if k != "response_format"} if stored_as_urls(image) else data
+        return Prepared(image, orjson.dumps(upstream), fingerprint=lambda: json_fingerprint(data))
 
     if wants_async(request):  # a job (SPEC section 10); edits are not yet (docs/architecture.md)
         return await handle(gw, arrival_of(request, GENERATIONS), prepare, admit_with=reserve, then=enqueue)
@@ -59,7 +60,8 @@ async def edit_image(request: Request) -> object:
         if image.model_defaulted:
             fields.append(("model", image.model))
         files = [(f.field, f.filename, f.content_type, f.file) for f in form.files]
-        return Prepared(image, FormBody(fields, form.files), path=EDITS_PATH,
+        upstream = [(n, v) for n, v in fields if n != "response_format"] if stored_as_urls(image) else fields
+        return Prepared(image, FormBody(upstream, form.files), path=EDITS_PATH,
                         fingerprint=lambda: form_fingerprint(fields, files))
 
     return await handle(gw, arrival_of(request, EDITS), prepare)

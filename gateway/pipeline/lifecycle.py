@@ -23,16 +23,17 @@ import orjson
 from starlette.requests import Request
 
 from gateway.auth.authenticator import Principal
-from gateway.errors import GatewayError, ModelNotAllowed, ShuttingDown, UpstreamError
+from gateway.errors import GatewayError, ModelNotAllowed, ShuttingDown, StorageUnavailable, UpstreamError
 from gateway.idempotency.answers import Answer, answer_of, answer_of_error, may_have_billed
 from gateway.idempotency.fingerprint import body_fingerprint
 from gateway.idempotency.header import idempotency_key
 from gateway.idempotency.service import Ticket
+from gateway.imagestore.responses import images_as_urls
 from gateway.pipeline.admission import admit
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.gateway import Gateway
 from gateway.pipeline.onbehalf import upstream_idempotency_key
-from gateway.pipeline.request import ImageRequest
+from gateway.pipeline.request import ImageRequest, stored_as_urls
 from gateway.tasks import spawn
 from gateway.upstream.client import GENERATIONS_PATH, UpstreamReply
 from gateway.upstream.form_body import FormBody
@@ -192,11 +193,16 @@ async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: 
         if isinstance(outcome, UpstreamReply):
             return outcome
         content_type, chunks = outcome
+        if 200 <= exchange.status < 300 and stored_as_urls(exchange.request):
+            chunks = await _images_as_urls(gw, exchange, chunks)
         response: Any = ChunksResponse(exchange.status, chunks, [(b"content-type", content_type), *headers])
         if exchange.ticket is not None:
             kept = answer_of(exchange.status, content_type.decode(), chunks)
     except GatewayError as err:
-        _failed(exchange, err)
+        if not isinstance(err, StorageUnavailable):  # the upstream answered (and billed): its status stays
+            _failed(exchange, err)
+        else:
+            exchange.error_reason = err.code
         err.headers.update((k.decode(), v.decode()) for k, v in limit_headers)  # x-ratelimit-*: admitted
         response = err.to_response(rid)
         if exchange.ticket is not None and may_have_billed(err):
@@ -211,6 +217,14 @@ async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: 
     if exchange.ticket is not None:
         await exchange.ticket.conclude(kept)
     return response
+
+
+async def _images_as_urls(gw: Gateway, exchange: Exchange, chunks: list[bytes]) -> list[bytes]:
+    """A GPT image answer whose base64 images are stored and replaced by presigned URLs (SPEC §9)."""
+    if gw.image_store is None:
+        raise StorageUnavailable("The gateway has no image store for 'response_format' 'url'.")
+    body = orjson.loads(b"".join(chunks))
+    return [orjson.dumps(await images_as_urls(gw.image_store, body))]
 
 
 async def run_detached(gw: Gateway, exchange: Exchange, body: bytes, idempotency_key: str) -> tuple[int, bytes]:

@@ -103,6 +103,8 @@ _RULES = (
     _Rule("user", str),
 )
 _EDIT_RULES = (*_RULES, _Rule("input_fidelity", str, _GPT_ONLY, {None: ("high", "low")}))
+# With an image store every model may ask for URLs: GPT image models' base64 is stored and linked (SPEC §9).
+_STORED_URLS = _Rule("response_format", str, allowed={None: ("url", "b64_json")})
 _FORM_KINDS = {rule.name: rule.kind for rule in _EDIT_RULES if rule.kind in (int, bool)}
 _BOOLS = {"true": True, "false": False}
 _INTEGER = re.compile(r"-?[0-9]{1,12}", re.ASCII)
@@ -167,7 +169,10 @@ def validate_image_request(body: object, settings: Settings, *, route: str = GEN
                              f"{limit}, but got a string with length {len(prompt)} instead.", param="prompt")
 
     values: dict[str, Any] = {}
-    for rule in _EDIT_RULES if route == EDITS else _RULES:
+    rules: tuple[_Rule, ...] = _EDIT_RULES if route == EDITS else _RULES
+    if settings.storage.enabled:
+        rules = tuple(_STORED_URLS if rule.name == "response_format" else rule for rule in rules)
+    for rule in rules:
         value = body.get(rule.name)
         if value is not None:
             _check(rule, value, model, family)
@@ -175,6 +180,9 @@ def validate_image_request(body: object, settings: Settings, *, route: str = GEN
     if values.get("partial_images") and not values.get("stream"):  # 0, the default, is fine without it
         raise InvalidRequest("'partial_images' is only supported when 'stream' is true.",
                              param="partial_images")
+    if values.get("response_format") == "url" and values.get("stream"):
+        raise InvalidRequest("'response_format' 'url' is not supported with 'stream': streamed images come as "
+                             "base64 events.", param="response_format")
     if values.get("background") == "transparent" and values.get("output_format") not in (None, "png", "webp"):
         raise InvalidRequest("A transparent background needs 'output_format' 'png' or 'webp'.",
                              param="background")
@@ -262,3 +270,11 @@ def _one_of(values: Iterable[str]) -> str:
     """'a', 'b', and 'c' (OpenAI's wording for a list of supported values)."""
     quoted = [f"'{v}'" for v in values]
     return " and ".join(quoted) if len(quoted) < 3 else ", ".join(quoted[:-1]) + ", and " + quoted[-1]
+
+
+def stored_as_urls(request: ImageRequest) -> bool:
+    """The gateway stores this request's images and answers URLs (a GPT image model asked for ``url``).
+
+    The upstream is asked for base64 (those models answer nothing else): ``response_format`` is not sent.
+    """
+    return request.response_format == "url" and request.family == "gpt-image"

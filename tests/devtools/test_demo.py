@@ -54,6 +54,9 @@ def test_demo_serves_the_python_sdk_streaming_and_not(demo: tuple[str, str, str]
     kinds = [e.type for e in client.images.generate(model="gpt-image-1", prompt="a lighthouse", stream=True,
                                                     partial_images=2)]
     assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    # The embedded image store: URLs that open in a browser.
+    linked = client.images.generate(model="gpt-image-1", prompt="a lighthouse", quality="low", response_format="url")
+    assert linked.data[0].url and httpx.get(linked.data[0].url).content.startswith(b"\x89PNG")
 
 
 def test_demo_prints_a_working_edit_example(demo: tuple[str, str, str]) -> None:
