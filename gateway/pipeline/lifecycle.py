@@ -26,7 +26,7 @@ from gateway.pipeline.onbehalf import upstream_idempotency_key
 from gateway.pipeline.request import ImageRequest
 from gateway.tasks import spawn
 from gateway.upstream.client import UpstreamReply
-from gateway.upstream.relay import ChunksResponse, StreamRelayResponse, read_json_reply
+from gateway.upstream.relay import ChunksResponse, StreamRelayResponse, read_whole_reply
 
 Headers = list[tuple[bytes, bytes]]
 _SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
@@ -116,9 +116,9 @@ async def forward(gw: Gateway, exchange: Exchange, body: bytes, request: Request
         if idempotency_key is not None:
             idempotency_key = upstream_idempotency_key(exchange.principal.user, idempotency_key)
         reply = await gw.upstream.send(body, request.headers, rid, idempotency_key=idempotency_key)
-        if reply.is_event_stream:
+        if exchange.request.stream and reply.is_event_stream:
             return reply
-        chunks = await read_json_reply(exchange, reply, gw.settings.upstream.timeout_seconds)
+        chunks = await read_whole_reply(exchange, reply, gw.settings.upstream.timeout_seconds)
         exchange.status = reply.response.status
         content_type = reply.response.headers.get("content-type", "application/json").encode()
         response: Any = ChunksResponse(reply.response.status, chunks, [(b"content-type", content_type), *headers])

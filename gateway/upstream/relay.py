@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from starlette.types import Receive, Scope, Send
 
@@ -30,21 +31,63 @@ def _upstream_done(exchange: Exchange, reply: UpstreamReply) -> None:
     exchange.upstream_seconds = time.monotonic() - reply.started
 
 
+class Observer(Protocol):
+    def feed(self, chunk: bytes) -> None: ...
+
+
+async def read_upstream(exchange: Exchange, reply: UpstreamReply, timeout_seconds: float, observer: Observer,
+                        sink: Callable[[bytes], None] | None = None) -> GatewayError | None:
+    """Read the upstream body to its end through ``observer`` (and ``sink``); returns the read error, if any."""
+    try:
+        async for chunk in reply.response.content.iter_any():
+            observer.feed(chunk)
+            if sink is not None:
+                sink(chunk)
+    except READ_ERRORS as exc:
+        for chunk in salvage(reply.response.content):
+            observer.feed(chunk)
+            if sink is not None:
+                sink(chunk)
+        err = translate_read_error(exc, timeout_seconds)
+        exchange.error_reason = err.code
+        return err
+    finally:
+        reply.response.release()
+        _upstream_done(exchange, reply)
+    return None
+
+
+async def read_whole_reply(exchange: Exchange, reply: UpstreamReply, timeout_seconds: float) -> list[bytes]:
+    """The body of an answer relayed whole; a 2xx of the other type than the request asked for is 502."""
+    if 200 <= reply.response.status < 300 and reply.is_event_stream != exchange.request.stream:
+        raise await _read_wrong_type(exchange, reply, timeout_seconds)
+    return await read_json_reply(exchange, reply, timeout_seconds)
+
+
+async def _read_wrong_type(exchange: Exchange, reply: UpstreamReply, timeout_seconds: float) -> GatewayError:
+    """Read a 2xx answer of the wrong type to its end for its usage (the upstream billed it): the error to answer."""
+    sse = SseUsageParser() if reply.is_event_stream else None
+    scanner = JsonUsageScanner(("usage",))
+    err = await read_upstream(exchange, reply, timeout_seconds, sse or scanner)
+    if err is not None:
+        return err
+    if sse is not None:
+        sse.close()
+    exchange.usage = sse.usage if sse is not None else usage_from_json(scanner)
+    exchange.upstream_billed = True
+    asked = "an event stream (stream: true)" if exchange.request.stream else "JSON (stream: false)"
+    wrong = UpstreamError(502, f"The upstream answered {reply.response.content_type} where {asked} was asked for.")
+    wrong.headers["x-should-retry"] = "false"  # it generated (and billed) the images: a retry pays twice
+    return wrong
+
+
 async def read_json_reply(exchange: Exchange, reply: UpstreamReply, timeout_seconds: float) -> list[bytes]:
     """The whole upstream body as chunks, with its usage recorded on ``exchange``."""
     scanner = JsonUsageScanner(("usage", "error"))
     chunks: list[bytes] = []
-    try:
-        async for chunk in reply.response.content.iter_any():
-            scanner.feed(chunk)
-            chunks.append(chunk)
-    except READ_ERRORS as exc:
-        err = translate_read_error(exc, timeout_seconds)
-        exchange.error_reason = err.code
-        raise err from exc
-    finally:
-        reply.response.release()
-        _upstream_done(exchange, reply)
+    err = await read_upstream(exchange, reply, timeout_seconds, scanner, chunks.append)
+    if err is not None:
+        raise err
     status = reply.response.status
     if 200 <= status < 300:
         exchange.usage = usage_from_json(scanner)
