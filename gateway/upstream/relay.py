@@ -164,8 +164,10 @@ class StreamRelayResponse:
                 await self._send(send, chunk, more=True)
             err: GatewayError = translate_read_error(exc, self.timeout_seconds)
             self.exchange.error_reason = err.code
+            # The error is an event of its own: end a partial event first (clients drop it unparsed).
+            tail = sse_error_event(err) if self.parser.at_boundary else b"\n\n" + sse_error_event(err)
             self._close_upstream()
-            return sse_error_event(err)
+            return tail
         self._close_upstream()
         return b""
 
@@ -181,7 +183,7 @@ class StreamRelayResponse:
         if self._upstream_closed:
             return
         self._upstream_closed = True
-        self.parser.close()
+        self.parser.close(clean=self.exchange.error_reason is None)
         self.reply.response.release()
         _upstream_done(self.exchange, self.reply)
         self.exchange.usage = self.parser.usage

@@ -97,3 +97,19 @@ def test_out_of_range_usage_is_clamped_and_the_total_kept_consistent(
     got = (usage.input_text_tokens, usage.input_image_tokens, usage.output_tokens, usage.total_tokens)
     assert got == expected
     assert all(0 <= v <= 2 * USAGE_MAX for v in got)
+
+
+def test_sse_parser_never_counts_a_truncated_final_event() -> None:
+    head = (b"event: image_generation.completed\ndata: "
+            b'{"type": "image_generation.completed", "usage": {"output_tokens": 7}')
+    whole, cut = head + b"}\n\n", head + b', "b64_json": "QUJ'
+    for clean in (True, False):
+        parser = SseUsageParser()
+        parser.feed(whole + cut)
+        assert not parser.at_boundary
+        parser.close(clean=clean)
+        assert (parser.completed, parser.usage.output_tokens) == (1, 7)
+    parser = SseUsageParser()
+    parser.feed(whole + cut[:cut.index(b"data:")] + b'data: {"type": "image_generation.completed"}')
+    parser.close(clean=False)  # whole, but the connection failed: not known to be complete
+    assert parser.completed == 1

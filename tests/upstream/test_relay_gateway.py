@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import orjson
 import pytest
@@ -118,3 +119,32 @@ async def test_json_error_to_a_stream_request_is_relayed_as_is(scripted: Scripte
     assert info.value.body == body["error"]
     usage = scripted.day_usage()
     assert (usage["requests"], usage["total_tokens"], usage["res_tokens"]) == (1, 0, 0)
+
+
+async def test_upstream_dying_mid_event_ends_the_event_before_the_error_and_bills_whole_events(
+        scripted: Scripted) -> None:
+    cut = completed_event("QUJD" * 1000)[:2000]  # usage and type are in, the image is not
+
+    async def die_mid_event(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(completed_event())
+        await response.write(cut)
+        assert request.transport is not None
+        request.transport.close()  # no final chunk: the client reads a broken body
+        return response
+
+    scripted.handler = die_mid_event
+    async with httpx.AsyncClient(base_url=scripted.gw.url, timeout=30) as client:
+        r = await client.post("/v1/images/generations", headers={"authorization": f"Bearer {KEY}"},
+                              json={"model": "gpt-image-1", "prompt": "x", "stream": True})
+    assert r.status_code == 200
+    assert r.content.startswith(completed_event() + cut + b"\n\nevent: error\ndata: ")
+    events = [e for e in r.text.split("\n\n") if e.strip()]
+    assert events[-1].startswith("event: error\ndata: {\"error\"")
+    assert orjson.loads(events[-1].split("data: ", 1)[1])["error"]["code"] == "upstream_unavailable"
+    # Only the whole completed event is billed, not the one cut in the middle.
+    usage = scripted.day_usage()
+    assert (usage["images"], usage["total_tokens"]) == (1, 279)
+    [record] = scripted.records()
+    assert record["incomplete"] is True and record["images"] == 1
