@@ -16,20 +16,13 @@ from typing import Any
 
 import yaml
 
+from gateway.http.settings import ServerSettings
 from gateway.imagestore.settings import StorageSettings
 from gateway.validators import LIMIT_MAX, check_number, control_free, valid_name
 from gateway.validators import ConfigError as ConfigError  # re-exported: the config's error
 
-LIMIT_NAMES = (
-    "requests_per_minute",
-    "images_per_minute",
-    "max_concurrent_requests",
-    "tokens_per_day",
-    "tokens_per_month",
-    "images_per_day",
-    "images_per_month",
-    "usd_per_month",
-)
+LIMIT_NAMES = ("requests_per_minute", "images_per_minute", "max_concurrent_requests", "tokens_per_day",
+               "tokens_per_month", "images_per_day", "images_per_month", "usd_per_month")
 DEFAULT_MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1", "dall-e-2", "dall-e-3")
 FAMILIES = ("gpt-image", "dall-e-2", "dall-e-3")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -110,6 +103,7 @@ class UpstreamSettings:
     connect_timeout_seconds: float = 10.0
     max_connections: int = 8192
     key_rest_seconds: float = 60.0
+    max_response_bytes: int = 256 * 1024 * 1024  # an answer (or a stream's unsent backlog) beyond it: 502 / dropped
     api_keys: tuple[str, ...] = ()  # from TTAPI_API_KEY only
 
 
@@ -158,6 +152,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
     default_model: str | None = "gpt-image-1"
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     plans: Mapping[str, Plan] = field(default_factory=dict)
@@ -173,8 +168,8 @@ class Settings:
 
 # --- parsing -----------------------------------------------------------------------------------
 
-_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "default_model", "models", "plans", "keys",
-             "max_body_bytes"}
+_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "server", "default_model", "models",
+             "plans", "keys", "max_body_bytes"}
 
 
 def _mapping(value: Any, key: str) -> Mapping[str, Any]:
@@ -194,7 +189,7 @@ def _check_known(section: Mapping[str, Any], allowed: set[str], key: str) -> Non
 
 _POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "settle_queue_size",
              "pipeline_connections", "health_interval_seconds", "health_timeout_seconds", "health_failures",
-             "admission_queue", "admission_wait_seconds"}
+             "admission_queue", "admission_wait_seconds", "max_response_bytes", "send_timeout_seconds"}
 
 
 def _section(cls: type, raw: Any, key: str) -> Any:
@@ -368,6 +363,7 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
         auth=_section(AuthSettings, raw.get("auth"), "auth"),
         usage=usage,
         storage=_storage(raw.get("storage"), env),
+        server=_section(ServerSettings, raw.get("server"), "server"),
         default_model=default_model,
         models=models,
         plans=plans,

@@ -26,7 +26,8 @@ from gateway.pipeline.onbehalf import upstream_idempotency_key
 from gateway.pipeline.request import ImageRequest
 from gateway.tasks import spawn
 from gateway.upstream.client import UpstreamReply
-from gateway.upstream.relay import ChunksResponse, StreamRelayResponse, read_whole_reply
+from gateway.upstream.delivery import ChunksResponse
+from gateway.upstream.relay import StreamRelayResponse, read_whole_reply
 
 Headers = list[tuple[bytes, bytes]]
 _SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
@@ -94,7 +95,8 @@ async def call_upstream(gw: Gateway, exchange: Exchange, body: bytes, request: R
             current.uncancel()
         return ShuttingDown().to_response(exchange.request_id)
     if isinstance(outcome, UpstreamReply):
-        return StreamRelayResponse(exchange, outcome, [*_SSE_HEADERS, *headers], gw.meter.finish, timeout)
+        return StreamRelayResponse(exchange, outcome, [*_SSE_HEADERS, *headers], gw.meter.finish, timeout,
+                                   gw.settings.server.send_timeout_seconds)
     return outcome
 
 
@@ -118,10 +120,13 @@ async def forward(gw: Gateway, exchange: Exchange, body: bytes, request: Request
         reply = await gw.upstream.send(body, request.headers, rid, idempotency_key=idempotency_key)
         if exchange.request.stream and reply.is_event_stream:
             return reply
-        chunks = await read_whole_reply(exchange, reply, gw.settings.upstream.timeout_seconds)
+        settings = gw.settings
+        chunks = await read_whole_reply(exchange, reply, settings.upstream.timeout_seconds,
+                                        settings.upstream.max_response_bytes)
         exchange.status = reply.response.status
         content_type = reply.response.headers.get("content-type", "application/json").encode()
-        response: Any = ChunksResponse(reply.response.status, chunks, [(b"content-type", content_type), *headers])
+        response: Any = ChunksResponse(reply.response.status, chunks, [(b"content-type", content_type), *headers],
+                                       settings.server.send_timeout_seconds)
     except GatewayError as err:
         exchange.status = err.status
         exchange.error_reason = exchange.error_reason or err.code

@@ -22,6 +22,7 @@ from gateway.errors import GatewayError, UpstreamError, sse_error_event
 from gateway.pipeline.exchange import Exchange
 from gateway.tasks import spawn
 from gateway.upstream.client import READ_ERRORS, UpstreamReply, salvage, translate_read_error
+from gateway.upstream.delivery import ClientLink
 from gateway.upstream.observe import JsonUsageScanner, SseUsageParser, usage_from_json
 
 Finish = Callable[[Exchange], Awaitable[None]]
@@ -57,11 +58,19 @@ async def read_upstream(exchange: Exchange, reply: UpstreamReply, timeout_second
     return None
 
 
-async def read_whole_reply(exchange: Exchange, reply: UpstreamReply, timeout_seconds: float) -> list[bytes]:
+async def read_whole_reply(exchange: Exchange, reply: UpstreamReply, timeout_seconds: float,
+                           max_bytes: int | None = None) -> list[bytes]:
     """The body of an answer relayed whole; a 2xx of the other type than the request asked for is 502."""
     if 200 <= reply.response.status < 300 and reply.is_event_stream != exchange.request.stream:
         raise await _read_wrong_type(exchange, reply, timeout_seconds)
-    return await read_json_reply(exchange, reply, timeout_seconds)
+    return await read_json_reply(exchange, reply, timeout_seconds, max_bytes)
+
+
+def billed_502(message: str) -> UpstreamError:
+    """A 502 for a 2xx answer the client cannot get: the upstream generated (and billed) it, so no retry."""
+    err = UpstreamError(502, message)
+    err.headers["x-should-retry"] = "false"
+    return err
 
 
 async def _read_wrong_type(exchange: Exchange, reply: UpstreamReply, timeout_seconds: float) -> GatewayError:
@@ -76,80 +85,82 @@ async def _read_wrong_type(exchange: Exchange, reply: UpstreamReply, timeout_sec
     exchange.usage = sse.usage if sse is not None else usage_from_json(scanner)
     exchange.upstream_billed = True
     asked = "an event stream (stream: true)" if exchange.request.stream else "JSON (stream: false)"
-    wrong = UpstreamError(502, f"The upstream answered {reply.response.content_type} where {asked} was asked for.")
-    wrong.headers["x-should-retry"] = "false"  # it generated (and billed) the images: a retry pays twice
-    return wrong
+    return billed_502(f"The upstream answered {reply.response.content_type} where {asked} was asked for.")
 
 
-async def read_json_reply(exchange: Exchange, reply: UpstreamReply, timeout_seconds: float) -> list[bytes]:
-    """The whole upstream body as chunks, with its usage recorded on ``exchange``."""
+class _BoundedChunks:
+    """The chunks of a body, kept while they fit in ``max_bytes``; past it only their size is counted."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.max_bytes = max_bytes
+
+    def append(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            self.chunks = []  # freed now: the body is read on only for its usage
+        else:
+            self.chunks.append(chunk)
+
+
+async def read_json_reply(exchange: Exchange, reply: UpstreamReply, timeout_seconds: float,
+                          max_bytes: int | None = None) -> list[bytes]:
+    """The whole upstream body as chunks, with its usage recorded on ``exchange``.
+
+    A body over ``max_bytes`` is read to its end for its usage (billed if it was a 2xx) and is a 502.
+    """
     scanner = JsonUsageScanner(("usage", "error"))
-    chunks: list[bytes] = []
-    err = await read_upstream(exchange, reply, timeout_seconds, scanner, chunks.append)
+    body = _BoundedChunks(max_bytes)
+    err = await read_upstream(exchange, reply, timeout_seconds, scanner, body.append)
     if err is not None:
         raise err
     status = reply.response.status
     if 200 <= status < 300:
         exchange.usage = usage_from_json(scanner)
-    elif not isinstance(scanner.value("error"), dict):
+    if max_bytes is not None and body.size > max_bytes:
+        exchange.upstream_billed = 200 <= status < 300
+        exchange.error_reason = "response_too_large"
+        raise billed_502(f"The upstream's answer ({body.size} bytes) exceeds the gateway's limit of {max_bytes} "
+                         "bytes (upstream.max_response_bytes).")
+    if not 200 <= status < 300 and not isinstance(scanner.value("error"), dict):
         # Not an OpenAI error body (a proxy's HTML page, another format): the SDKs need OpenAI's shape.
         raise UpstreamError(status, f"The upstream answered {status} without an OpenAI error body.")
-    return chunks
-
-
-class ChunksResponse:
-    """A finished body sent as the chunks it arrived in, with the upstream's status and type."""
-
-    def __init__(self, status: int, chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> None:
-        self.status = status
-        self.chunks = chunks
-        self.headers = [*headers, (b"content-length", str(sum(map(len, chunks))).encode())]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
-        last = len(self.chunks) - 1
-        for i, chunk in enumerate(self.chunks):
-            await send({"type": "http.response.body", "body": chunk, "more_body": i < last})
-        if last < 0:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return body.chunks
 
 
 class StreamRelayResponse:
     """Forwards an upstream SSE stream event for event, byte for byte."""
 
     def __init__(self, exchange: Exchange, reply: UpstreamReply, headers: list[tuple[bytes, bytes]],
-                 finish: Finish, timeout_seconds: float) -> None:
+                 finish: Finish, timeout_seconds: float, send_timeout_seconds: float = 60.0) -> None:
         self.exchange = exchange
         self.reply = reply
         self.headers = headers
         self.finish = finish
         self.timeout_seconds = timeout_seconds
+        self.send_timeout_seconds = send_timeout_seconds
         self.parser = SseUsageParser()
         self._upstream_closed = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.exchange.status = self.reply.response.status
-        # uvicorn drops sends to a departed client silently: learn of it from receive() instead.
-        watcher = asyncio.create_task(self._watch_disconnect(receive))
+        link = ClientLink(send, receive, self.send_timeout_seconds, self.exchange)
         try:
-            await send({"type": "http.response.start", "status": self.reply.response.status,
-                        "headers": self.headers})
-            tail = await self._pump(send)
+            await link.send({"type": "http.response.start", "status": self.reply.response.status,
+                             "headers": self.headers})
+            tail = await self._pump(link)
+            await asyncio.shield(self.finish(self.exchange))
+            await link.send({"type": "http.response.body", "body": tail, "more_body": False})
         except asyncio.CancelledError:
             # The server is cancelling us (shutdown): finish reading and settling in the background.
-            spawn(self.drain_and_finish())
+            if not self._upstream_closed:
+                spawn(self.drain_and_finish())
             raise
         finally:
-            watcher.cancel()
-        await asyncio.shield(self.finish(self.exchange))
-        await self._send(send, tail, more=False)
+            await link.close()
 
-    async def _watch_disconnect(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.exchange.client_gone = True
-
-    async def _pump(self, send: Send) -> bytes:
+    async def _pump(self, link: ClientLink) -> bytes:
         """Forward until the upstream ends; returns what must still be sent (an error event).
 
         Not closed on cancellation: the background drain goes on reading the same response.
@@ -157,11 +168,11 @@ class StreamRelayResponse:
         try:
             async for chunk in self.reply.response.content.iter_any():
                 self.parser.feed(chunk)
-                await self._send(send, chunk, more=True)
+                await link.send({"type": "http.response.body", "body": chunk, "more_body": True})
         except READ_ERRORS as exc:
             for chunk in salvage(self.reply.response.content):
                 self.parser.feed(chunk)
-                await self._send(send, chunk, more=True)
+                await link.send({"type": "http.response.body", "body": chunk, "more_body": True})
             err: GatewayError = translate_read_error(exc, self.timeout_seconds)
             self.exchange.error_reason = err.code
             # The error is an event of its own: end a partial event first (clients drop it unparsed).
@@ -170,14 +181,6 @@ class StreamRelayResponse:
             return tail
         self._close_upstream()
         return b""
-
-    async def _send(self, send: Send, chunk: bytes, *, more: bool) -> None:
-        if self.exchange.client_gone:
-            return
-        try:
-            await send({"type": "http.response.body", "body": chunk, "more_body": more})
-        except OSError:  # ASGI 2.4 servers raise once the client has gone; keep reading upstream
-            self.exchange.client_gone = True
 
     def _close_upstream(self) -> None:
         if self._upstream_closed:
