@@ -18,6 +18,7 @@ import yaml
 
 from gateway.http.settings import ServerSettings
 from gateway.imagestore.settings import StorageSettings
+from gateway.limits.settings import LeaseSettings
 from gateway.validators import LIMIT_MAX, check_number, control_free, valid_name
 from gateway.validators import ConfigError as ConfigError  # re-exported: the config's error
 
@@ -153,6 +154,7 @@ class Settings:
     usage: UsageSettings = field(default_factory=UsageSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    limits: LeaseSettings = field(default_factory=LeaseSettings)
     default_model: str | None = "gpt-image-1"
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     plans: Mapping[str, Plan] = field(default_factory=dict)
@@ -168,8 +170,7 @@ class Settings:
 
 # --- parsing -----------------------------------------------------------------------------------
 
-_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "server", "default_model", "models",
-             "plans", "keys", "max_body_bytes"}
+_TOP_KEYS = {f.name for f in fields(Settings)} - {"admin_token"}
 
 
 def _mapping(value: Any, key: str) -> Mapping[str, Any]:
@@ -364,6 +365,7 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
         usage=usage,
         storage=_storage(raw.get("storage"), env),
         server=_section(ServerSettings, raw.get("server"), "server"),
+        limits=_section(LeaseSettings, raw.get("limits"), "limits"),
         default_model=default_model,
         models=models,
         plans=plans,

@@ -9,7 +9,8 @@ reserves its estimate (tokens, images, usd) in the day and month usage hashes.
 
 ``Limiter.settle`` runs ``lua/settle.lua`` (one EVALSHA) once the upstream answered: it
 frees the slot and the reservation, adds the reported usage to the admission's day and
-month, and appends a ledger record. It is idempotent on the request id.
+month, and appends a ledger record. It is idempotent on the request id. ``Limiter.renew``
+(``lua/renew.lua``) pushes back the lease of a request still running (a long stream).
 
 Redis layout, every key under the user's hash tag (one Cluster slot; ``RedisKeys``):
 
@@ -184,6 +185,7 @@ class Limiter:
         self._admit = client.register_script(_script("admit.lua"))
         self._settle = client.register_script(_script("settle.lua"))
         self._cancel = client.register_script(_script("cancel.lua"))
+        self._renew = client.register_script(_script("renew.lua"))
 
     def _build_admit_keys(self, user: str, day: str, month: str) -> tuple[str, ...]:
         k = self.keys
@@ -244,6 +246,11 @@ class Limiter:
         keys = [k.requests_window(user), k.images_window(user), k.inflight(user), k.reservations(user),
                 k.day_usage(user, periods.day), k.month_usage(user, periods.month), k.settled(user, request_id)]
         return bool(int(await self.batcher.run(self._cancel, keys, [request_id, n, self.settled_ttl_s])))
+
+    async def renew(self, admission: Admission, now_ms: int) -> bool:
+        """Push a running request's lease to ``now_ms`` + the lease; False if it is already gone."""
+        keys = [self.keys.inflight(admission.user)]
+        return bool(int(await self._renew(keys=keys, args=[admission.request_id, now_ms + self.lease_ms])))
 
     async def release(self, admission: Admission, record: Mapping[str, str] | None = None) -> bool:
         """Settle a failed call: it costs nothing, but still counts as a finished request."""

@@ -69,3 +69,15 @@ async def cancel_admission(gw: Gateway, exchange: Exchange, attempts: int = 8, f
     # Still unreachable: what admit may have written stays until its lease expires (upstream timeout + 60 s).
     log.error("could not undo the admission of request %s after %d attempts; its slot and reservation are held "
               "until the lease expires", exchange.request_id, attempts)
+
+
+async def keep_lease(gw: Gateway, exchange: Exchange) -> None:
+    """Renew a running stream's lease every third of its length until cancelled (at its settle)."""
+    if gw.limiter is None or exchange.admission is None:
+        return
+    while True:
+        await asyncio.sleep(gw.limiter.lease_ms / 3000)
+        try:
+            await gw.limiter.renew(exchange.admission, time.time_ns() // 1_000_000)
+        except REDIS_ERRORS:
+            gw.metrics.redis_errors.labels("renew").inc()  # the next try comes well before the lease ends

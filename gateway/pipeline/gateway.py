@@ -99,7 +99,8 @@ async def open_gateway(settings: Settings, metrics: Metrics, *, session: aiohttp
     keystore = KeyStore(redis, redis_keys, settings, metrics=metrics)
     guard = AuthGuard(redis, redis_keys, settings.auth, metrics)
     # A slot or reservation whose worker died expires one upstream timeout (plus slack) after admission.
-    limiter = Limiter(redis, redis_keys, lease_ms=int((settings.upstream.timeout_seconds + 60) * 1000),
+    lease_seconds = settings.upstream.timeout_seconds + settings.limits.lease_slack_seconds
+    limiter = Limiter(redis, redis_keys, lease_ms=int(lease_seconds * 1000),
                       ledger_maxlen=settings.usage.stream_maxlen, batcher=batcher)
     # Metering: settlements Redis refuses are retried in the background, spooled at shutdown, replayed here.
     settler = SettleQueue(limiter, metrics, redis=redis, keys=redis_keys,

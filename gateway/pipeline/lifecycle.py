@@ -19,7 +19,7 @@ from starlette.requests import Request
 
 from gateway.auth.authenticator import Principal
 from gateway.errors import GatewayError, ModelNotAllowed, ShuttingDown
-from gateway.pipeline.admission import admit
+from gateway.pipeline.admission import admit, keep_lease
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.gateway import Gateway
 from gateway.pipeline.onbehalf import upstream_idempotency_key
@@ -81,7 +81,6 @@ async def call_upstream(gw: Gateway, exchange: Exchange, body: bytes, request: R
                         limit_headers: Headers) -> Any:
     """Send an admitted request upstream in a shielded task; the client gets its relay."""
     headers: Headers = [(b"x-request-id", exchange.request_id.encode()), *limit_headers]
-    timeout = gw.settings.upstream.timeout_seconds
     task = spawn(forward(gw, exchange, body, request, headers, limit_headers))
     try:
         outcome = await asyncio.shield(task)
@@ -89,21 +88,27 @@ async def call_upstream(gw: Gateway, exchange: Exchange, body: bytes, request: R
         # The server is stopping past its grace period. The call goes on in the background and is settled;
         # the client gets an answer it will not blindly retry (the server's own would be a bare 500, which
         # SDKs retry: a second, billed, generation).
-        task.add_done_callback(lambda t: _drain_orphaned_stream(t, gw, exchange, timeout))
+        task.add_done_callback(lambda t: _drain_orphaned_stream(t, gw, exchange))
         current = asyncio.current_task()
         if current is not None:
             current.uncancel()
         return ShuttingDown().to_response(exchange.request_id)
     if isinstance(outcome, UpstreamReply):
-        return StreamRelayResponse(exchange, outcome, [*_SSE_HEADERS, *headers], gw.meter.finish, timeout,
-                                   gw.settings.server.send_timeout_seconds)
+        return _stream_relay(gw, exchange, outcome, [*_SSE_HEADERS, *headers])
     return outcome
 
 
-def _drain_orphaned_stream(task: asyncio.Task[Any], gw: Gateway, exchange: Exchange, timeout: float) -> None:
+def _stream_relay(gw: Gateway, exchange: Exchange, reply: UpstreamReply, headers: Headers) -> StreamRelayResponse:
+    s = gw.settings
+    return StreamRelayResponse(exchange, reply, headers, gw.meter.finish, s.upstream.timeout_seconds,
+                               s.server.send_timeout_seconds, s.upstream.max_response_bytes,
+                               renew=lambda ex: keep_lease(gw, ex))
+
+
+def _drain_orphaned_stream(task: asyncio.Task[Any], gw: Gateway, exchange: Exchange) -> None:
     """A stream whose requester was cancelled as its reply arrived: read it to the end and settle it."""
     if not task.cancelled() and task.exception() is None and isinstance(task.result(), UpstreamReply):
-        spawn(StreamRelayResponse(exchange, task.result(), [], gw.meter.finish, timeout).drain_and_finish())
+        spawn(_stream_relay(gw, exchange, task.result(), []).drain_and_finish())
 
 
 async def forward(gw: Gateway, exchange: Exchange, body: bytes, request: Request, headers: Headers,

@@ -6,13 +6,16 @@ settlement) before the client's response is closed.
 - JSON: read into a list of chunks (no joins, no re-serialisation) while a scanner
   picks up ``usage``; a failure mid-body becomes a clean 502/504.
 - SSE: every chunk is forwarded as it arrives, byte for byte, while a side parser sums
-  the usage; a failure mid-stream ends the stream with ``event: error``.
+  the usage; a failure mid-stream ends the stream with ``event: error``. Reading runs
+  apart from sending, so the stream is settled when the upstream ends, not when a slow
+  client has read it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -26,6 +29,7 @@ from gateway.upstream.delivery import ClientLink
 from gateway.upstream.observe import JsonUsageScanner, SseUsageParser, usage_from_json
 
 Finish = Callable[[Exchange], Awaitable[None]]
+Renew = Callable[[Exchange], Awaitable[None]]  # keeps a running request's lease until cancelled
 
 
 def _upstream_done(exchange: Exchange, reply: UpstreamReply) -> None:
@@ -130,78 +134,93 @@ async def read_json_reply(exchange: Exchange, reply: UpstreamReply, timeout_seco
 
 
 class StreamRelayResponse:
-    """Forwards an upstream SSE stream event for event, byte for byte."""
+    """Forwards an upstream SSE stream event for event, byte for byte; reading never waits for the client.
+
+    A background reader reads the upstream to its end into a backlog and finishes (settles) the
+    exchange the moment the upstream ends; the response sends the backlog at the client's pace.
+    A client that takes nothing for the send timeout, or falls ``max_backlog_bytes`` behind, is
+    dropped; the reader goes on to the end. ``renew`` keeps the request's lease while it runs.
+    """
 
     def __init__(self, exchange: Exchange, reply: UpstreamReply, headers: list[tuple[bytes, bytes]],
-                 finish: Finish, timeout_seconds: float, send_timeout_seconds: float = 60.0) -> None:
+                 finish: Finish, timeout_seconds: float, send_timeout_seconds: float = 60.0,
+                 max_backlog_bytes: int = 256 * 1024 * 1024, renew: Renew | None = None) -> None:
         self.exchange = exchange
         self.reply = reply
         self.headers = headers
         self.finish = finish
         self.timeout_seconds = timeout_seconds
         self.send_timeout_seconds = send_timeout_seconds
+        self.max_backlog_bytes = max_backlog_bytes
+        self.renew = renew
         self.parser = SseUsageParser()
-        self._upstream_closed = False
+        self._link: ClientLink | None = None  # None: nobody to send to (not started, gone, cancelled)
+        self._backlog: deque[bytes] = deque()
+        self._backlog_bytes = 0
+        self._wake = asyncio.Event()
+        self._tail: bytes | None = None  # set once the exchange is finished: the last bytes to send
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.exchange.status = self.reply.response.status
-        link = ClientLink(send, receive, self.send_timeout_seconds, self.exchange)
+        link = self._link = ClientLink(send, receive, self.send_timeout_seconds, self.exchange)
+        spawn(self._read_and_finish())  # a background task: shutdown waits for it, whatever the client does
         try:
-            await link.send({"type": "http.response.start", "status": self.reply.response.status,
-                             "headers": self.headers})
-            tail = await self._pump(link)
-            await asyncio.shield(self.finish(self.exchange))
-            await link.send({"type": "http.response.body", "body": tail, "more_body": False})
-        except asyncio.CancelledError:
-            # The server is cancelling us (shutdown): finish reading and settling in the background.
-            if not self._upstream_closed:
-                spawn(self.drain_and_finish())
-            raise
+            if await link.send({"type": "http.response.start", "status": self.reply.response.status,
+                                "headers": self.headers}):
+                await self._deliver(link)
         finally:
+            self._link = None
+            self._backlog.clear()
             await link.close()
 
-    async def _pump(self, link: ClientLink) -> bytes:
-        """Forward until the upstream ends; returns what must still be sent (an error event).
+    async def _deliver(self, link: ClientLink) -> None:
+        """Send the backlog as it grows, then the tail; returns early if the client goes."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._backlog:
+                chunk = self._backlog.popleft()
+                self._backlog_bytes -= len(chunk)
+                if not await link.send({"type": "http.response.body", "body": chunk, "more_body": True}):
+                    return
+            if link.gone:
+                return
+            if self._tail is not None:
+                await link.send({"type": "http.response.body", "body": self._tail, "more_body": False})
+                return
 
-        Not closed on cancellation: the background drain goes on reading the same response.
-        """
-        try:
-            async for chunk in self.reply.response.content.iter_any():
-                self.parser.feed(chunk)
-                await link.send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except READ_ERRORS as exc:
-            for chunk in salvage(self.reply.response.content):
-                self.parser.feed(chunk)
-                await link.send({"type": "http.response.body", "body": chunk, "more_body": True})
-            err: GatewayError = translate_read_error(exc, self.timeout_seconds)
-            self.exchange.error_reason = err.code
-            # The error is an event of its own: end a partial event first (clients drop it unparsed).
-            tail = sse_error_event(err) if self.parser.at_boundary else b"\n\n" + sse_error_event(err)
-            self._close_upstream()
-            return tail
-        self._close_upstream()
-        return b""
-
-    def _close_upstream(self) -> None:
-        if self._upstream_closed:
+    def _queue(self, chunk: bytes) -> None:
+        link = self._link
+        if link is None or link.gone:
             return
-        self._upstream_closed = True
-        self.parser.close(clean=self.exchange.error_reason is None)
-        self.reply.response.release()
-        _upstream_done(self.exchange, self.reply)
-        self.exchange.usage = self.parser.usage
-        self.exchange.incomplete = self.parser.completed == 0 or self.exchange.error_reason is not None
+        self._backlog.append(chunk)
+        self._backlog_bytes += len(chunk)
+        if self._backlog_bytes > self.max_backlog_bytes:
+            link.drop()  # too far behind: holding more would let one slow client use unbounded memory
+            self._backlog.clear()
+            self._backlog_bytes = 0
+        self._wake.set()
+
+    async def _read_and_finish(self) -> None:
+        """Read the upstream to its end, then finish (settle) the exchange: never waits for the client."""
+        keeper = asyncio.ensure_future(self.renew(self.exchange)) if self.renew is not None else None
+        tail = b""
+        try:
+            err = await read_upstream(self.exchange, self.reply, self.timeout_seconds, self.parser, self._queue)
+            if err is not None:
+                # The error is an event of its own: end a partial event first (clients drop it unparsed).
+                tail = sse_error_event(err) if self.parser.at_boundary else b"\n\n" + sse_error_event(err)
+            self.parser.close(clean=err is None)
+            self.exchange.usage = self.parser.usage
+            self.exchange.incomplete = self.parser.completed == 0 or self.exchange.error_reason is not None
+            await self.finish(self.exchange)
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+            self._tail = tail
+            self._wake.set()
 
     async def drain_and_finish(self) -> None:
-        """Read the rest of the stream with nobody to send it to, then finish (settle) the exchange."""
+        """Read the stream to its end with nobody to send it to, then finish (settle) the exchange."""
         self.exchange.client_gone = True
-        try:
-            async for chunk in self.reply.response.content.iter_any():
-                self.parser.feed(chunk)
-        except READ_ERRORS as exc:
-            for chunk in salvage(self.reply.response.content):
-                self.parser.feed(chunk)
-            self.exchange.error_reason = translate_read_error(exc, self.timeout_seconds).code
-        finally:
-            self._close_upstream()
-        await self.finish(self.exchange)
+        await self._read_and_finish()

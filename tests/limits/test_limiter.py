@@ -354,6 +354,18 @@ async def test_expired_reservation_is_reclaimed(backend: Backend, limiter: Limit
     assert day["res_tokens"] == HIGH_1024 and day["total_tokens"] == 3000
 
 
+async def test_a_renewed_lease_keeps_its_slot_and_reservation(backend: Backend, limiter: Limiter) -> None:
+    limits = Limits(max_concurrent_requests=1, tokens_per_day=5000)
+    a = await admit(limiter, limits, "a", T0, tokens=HIGH_1024)
+    assert await limiter.renew(a, T0 + LEASE - 1)  # a long stream, still running
+    exc = await refused(limiter, limits, "b", T0 + LEASE + 1, tokens=10)  # not taken for a dead worker's
+    assert exc.limit_name == "max_concurrent_requests"
+    assert (await usage(backend.client, KEYS.day_usage("alice", "2026-11-24")))["res_tokens"] == HIGH_1024
+    assert await limiter.settle(a, SettledUsage(total_tokens=100))
+    assert not await limiter.renew(a, T0 + LEASE + 2)  # settled: the lease is never created again
+    assert await backend.client.zscore(KEYS.inflight("alice"), "a") is None
+
+
 async def test_unsettled_reservation_outlives_its_lease_until_reclaimed(backend: Backend, limiter: Limiter) -> None:
     """The reservation must still be there to give back when the user's next admit comes, however late."""
     limits = Limits(tokens_per_month=10_000)

@@ -1,5 +1,6 @@
 """Bounded memory per response, as an operator sees it: clients that never read are dropped and the
-gateway's memory comes back; an answer too large to hold is a 502 that is still billed."""
+gateway's memory comes back; an answer too large to hold is a 502 that is still billed; a stream
+is settled when the upstream ends, however slowly its client reads."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import orjson
 import pytest
 import redis
 
+from gateway.config import parse_settings
+from gateway.metering.pricing import estimate
+from gateway.pipeline.request import validate_image_request
 from gateway.redisdb.keys import RedisKeys
 from tests.support.procs import Service, start_fake_upstream, start_gateway, wait_until
 
@@ -111,4 +115,53 @@ def test_answer_over_max_response_bytes_is_502_and_still_billed(
         assert billed["total_tokens"] > 0
         assert client.images.generate(prompt="small", quality="low").data
     finally:
+        gw.stop()
+
+
+def test_a_stalled_stream_reader_is_settled_when_the_upstream_ends(
+        fake: Service, redis_url: str, tmp_path: Path) -> None:
+    body = {"model": "gpt-image-1", "prompt": "stall", "stream": True, "partial_images": 3, "quality": "low",
+            "size": "1024x1024", "fake": {"pad_bytes": 2 * MIB}}
+    settings = parse_settings({}, env={})
+    one = estimate(settings.models["gpt-image-1"], validate_image_request(body, settings)).tokens
+    # One request fits the day, two do not; leases last 3 s (upstream timeout 3 s, no slack).
+    cfg = config(plans={"default": {"tokens_per_day": one * 3 // 2}}, upstream={"timeout_seconds": 3},
+                 limits={"lease_slack_seconds": 0}, server={"send_timeout_seconds": 8})
+    gw = start_gateway(cfg, env(fake, redis_url), tmp=tmp_path)
+    day = RedisKeys().day_usage("dora", datetime.now(UTC).strftime("%Y-%m-%d"))
+    db = redis.Redis.from_url(redis_url)
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0)
+    sock = stalled_client(gw, body)  # ~11 MB of events; it takes a few KiB and stops
+    try:
+        wait_until(lambda: int(db.hget(day, "total_tokens") or 0) > 0, "usage settled")
+        assert connected(sock)  # settled while the client still has not read the stream
+        assert int(db.hget(day, "res_tokens") or 0) == 0
+        with pytest.raises(openai.RateLimitError) as info:
+            client.images.generate(model="gpt-image-1", prompt="x", quality="low", size="1024x1024")
+        assert isinstance(info.value.body, dict) and info.value.body["code"] == "insufficient_quota"
+        # Dropped after the send timeout, well past its lease: the quota still holds what it used.
+        wait_until(lambda: not connected(sock), "stalled client dropped")
+        with pytest.raises(openai.RateLimitError):
+            client.images.generate(model="gpt-image-1", prompt="x", quality="low", size="1024x1024")
+        assert int(db.hget(day, "requests") or 0) == 1
+    finally:
+        sock.close()
+        gw.stop()
+
+
+def test_a_stream_client_too_far_behind_is_dropped_before_its_send_timeout(
+        fake: Service, redis_url: str, tmp_path: Path) -> None:
+    # The backlog a stream may hold for its client is upstream.max_response_bytes (here 1 MiB).
+    cfg = config(upstream={"max_response_bytes": MIB}, server={"send_timeout_seconds": 600})
+    gw = start_gateway(cfg, env(fake, redis_url), tmp=tmp_path)
+    assert gw.proc is not None
+    body = {"prompt": "behind", "stream": True, "partial_images": 3, "quality": "low",
+            "fake": {"pad_bytes": 2 * MIB}}
+    sock = stalled_client(gw, body)
+    try:
+        wait_until(lambda: not connected(sock), "client dropped for its backlog, long before 600 s")
+        day = RedisKeys().day_usage("dora", datetime.now(UTC).strftime("%Y-%m-%d"))
+        wait_until(lambda: int(redis.Redis.from_url(redis_url).hget(day, "images") or 0) == 1, "stream settled")
+    finally:
+        sock.close()
         gw.stop()
