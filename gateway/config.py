@@ -190,7 +190,8 @@ def _check_known(section: Mapping[str, Any], allowed: set[str], key: str) -> Non
 
 _POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "settle_queue_size",
              "pipeline_connections", "health_interval_seconds", "health_timeout_seconds", "health_failures",
-             "admission_queue", "admission_wait_seconds", "max_response_bytes", "send_timeout_seconds"}
+             "admission_queue", "admission_wait_seconds", "max_response_bytes", "send_timeout_seconds",
+             "sweep_interval_seconds"}
 
 
 def _section(cls: type, raw: Any, key: str) -> Any:

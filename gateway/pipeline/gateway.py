@@ -16,6 +16,7 @@ from gateway.limits.limiter import Limiter
 from gateway.metering.meter import Meter
 from gateway.metering.metrics import Metrics
 from gateway.metering.settle_queue import SettleQueue, Spool
+from gateway.metering.sweeper import LeaseSweeper
 from gateway.redisdb.batcher import Batcher
 from gateway.redisdb.client import REDIS_ERRORS, open_pipeline_redis, open_redis
 from gateway.redisdb.health import Health
@@ -29,7 +30,8 @@ class Gateway:
     def __init__(self, settings: Settings, *, metrics: Metrics, upstream: UpstreamClient, redis: Any = None,
                  limiter: Limiter | None = None, auth: Authenticator | None = None, meter: Meter | None = None,
                  keystore: KeyStore | None = None, guard: AuthGuard | None = None,
-                 health: Health | None = None, pipeline_redis: Any = None) -> None:
+                 health: Health | None = None, pipeline_redis: Any = None,
+                 sweeper: LeaseSweeper | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.upstream = upstream
@@ -41,6 +43,7 @@ class Gateway:
         self.meter = meter or Meter(settings, metrics, limiter)
         self.health = health
         self.pipeline_redis = pipeline_redis  # the batcher's client, when it is not ``redis``
+        self.sweeper = sweeper
 
     async def authenticate(self, request: Request) -> Principal:
         """The caller's Principal; failures count toward the brute-force guard (a good key costs nothing)."""
@@ -62,6 +65,8 @@ class Gateway:
         return None
 
     async def close(self) -> None:
+        if self.sweeper is not None:
+            await self.sweeper.stop()
         await self.meter.close()
         if self.limiter is not None:
             await self.limiter.batcher.close()
@@ -107,5 +112,9 @@ async def open_gateway(settings: Settings, metrics: Metrics, *, session: aiohttp
                           max_size=settings.usage.settle_queue_size, spool=Spool(settings.usage.spool_path))
     meter = Meter(settings, metrics, limiter, settler=settler)
     await meter.start()
+    # Leases that expire unsettled (a worker died) are recorded even if their user sends nothing more.
+    sweeper = LeaseSweeper(limiter, redis, redis_keys, interval_seconds=settings.limits.sweep_interval_seconds,
+                           static_users={k.user for k in settings.keys}, metrics=metrics)
+    sweeper.start()
     return Gateway(settings, metrics=metrics, upstream=upstream, redis=redis, keystore=keystore, guard=guard,
-                   limiter=limiter, meter=meter, health=health, pipeline_redis=pipeline_redis)
+                   limiter=limiter, meter=meter, health=health, pipeline_redis=pipeline_redis, sweeper=sweeper)
