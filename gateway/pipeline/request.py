@@ -180,7 +180,7 @@ def validate_image_request(body: object, settings: Settings, *, route: str = GEN
     if values.get("partial_images") and not values.get("stream"):  # 0, the default, is fine without it
         raise InvalidRequest("'partial_images' is only supported when 'stream' is true.",
                              param="partial_images")
-    if values.get("response_format") == "url" and values.get("stream"):
+    if values.get("response_format") == "url" and values.get("stream") and family == "gpt-image":
         raise InvalidRequest("'response_format' 'url' is not supported with 'stream': streamed images come as "
                              "base64 events.", param="response_format")
     if values.get("background") == "transparent" and values.get("output_format") not in (None, "png", "webp"):
