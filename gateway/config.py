@@ -20,6 +20,7 @@ from gateway.http.settings import ServerSettings
 from gateway.idempotency.settings import IdempotencySettings
 from gateway.imagestore.settings import StorageSettings
 from gateway.jobs.settings import JobsSettings
+from gateway.limits.settings import LeaseSettings
 from gateway.sections import ENV_OVERRIDES as ENV_OVERRIDES  # re-exported
 from gateway.sections import check_known as _check_known
 from gateway.sections import mapping as _mapping
@@ -108,6 +109,7 @@ class UpstreamSettings:
     connect_timeout_seconds: float = 10.0
     max_connections: int = 8192
     key_rest_seconds: float = 60.0
+    max_response_bytes: int = 256 * 1024 * 1024  # an answer (or a stream's unsent backlog) beyond it: 502 / dropped
     api_keys: tuple[str, ...] = ()  # from TTAPI_API_KEY only
 
 
@@ -159,6 +161,7 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     idempotency: IdempotencySettings = field(default_factory=IdempotencySettings)
+    limits: LeaseSettings = field(default_factory=LeaseSettings)
     default_model: str | None = "gpt-image-1"
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     plans: Mapping[str, Plan] = field(default_factory=dict)
@@ -176,7 +179,7 @@ class Settings:
 
 # --- parsing -----------------------------------------------------------------------------------
 
-_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "server", "idempotency", "jobs",
+_TOP_KEYS = {"upstream", "redis", "metrics", "auth", "usage", "storage", "server", "idempotency", "jobs", "limits",
              "default_model", "models", "plans", "keys", "max_body_bytes", "max_edit_body_bytes"}
 
 
@@ -332,6 +335,7 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
         server=_section(ServerSettings, raw.get("server"), "server", env),
         idempotency=_section(IdempotencySettings, raw.get("idempotency"), "idempotency"),
         jobs=_section(JobsSettings, raw.get("jobs"), "jobs"),
+        limits=_section(LeaseSettings, raw.get("limits"), "limits"),
         default_model=default_model,
         models=models,
         plans=plans,

@@ -40,7 +40,8 @@ _POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "s
              "pipeline_connections", "health_interval_seconds", "health_timeout_seconds", "health_failures",
              "admission_queue", "admission_wait_seconds", "workers",
              "max_header_bytes", "header_timeout_seconds", "keep_alive_seconds", "ttl_seconds", "concurrency",
-             "visibility_timeout_seconds", "poll_seconds"}
+             "visibility_timeout_seconds", "poll_seconds", "max_response_bytes", "send_timeout_seconds",
+             "sweep_interval_seconds"}
 
 
 def section(cls: type, raw: Any, key: str, env: Mapping[str, str] | None = None) -> Any:

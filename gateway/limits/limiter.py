@@ -9,7 +9,8 @@ reserves its estimate (tokens, images, usd) in the day and month usage hashes.
 
 ``Limiter.settle`` runs ``lua/settle.lua`` (one EVALSHA) once the upstream answered: it
 frees the slot and the reservation, adds the reported usage to the admission's day and
-month, and appends a ledger record. It is idempotent on the request id.
+month, and appends a ledger record. It is idempotent on the request id. ``Limiter.renew``
+(``lua/renew.lua``) pushes back the lease of a request still running (a long stream).
 
 Redis layout, every key under the user's hash tag (one Cluster slot; ``RedisKeys``):
 
@@ -32,8 +33,11 @@ input_image_tokens output_tokens total_tokens usd_micros`` and outstanding reser
 Every admitted request is logged, leased and reserved, whether or not the key it came
 through has limits: a user's limits count all of the user's requests, whichever key (and
 key overrides) they used. A lease that passes its deadline without a settle (the worker
-died) is reclaimed by the next admit of that user: its slot and reservation come back on
-their own; a settle that comes later still adds its usage. Usage counts in the UTC day and
+died) is expired by the next admit of that user, or by a worker's background sweep
+(``Limiter.sweep``, ``lua/sweep.lua``) if the user sends nothing more: its slot is freed,
+its reservation is kept as its usage (the upstream may have billed it), and its unsettled
+ledger record (``settled: false``, given at admission) is written; a settle that comes later
+is a no-op (settled marker). Usage counts in the UTC day and
 month the request was admitted in. A retried admit of the same request id (its first reply
 was lost) is answered as admitted without counting twice.
 
@@ -52,6 +56,7 @@ from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis, RedisCluster
 
 from gateway.config import Limits
@@ -186,20 +191,23 @@ class Limiter:
         self._admit = client.register_script(_script("admit.lua"))
         self._settle = client.register_script(_script("settle.lua"))
         self._cancel = client.register_script(_script("cancel.lua"))
+        self._renew = client.register_script(_script("renew.lua"))
+        self._sweep = client.register_script(_script("sweep.lua"))
 
     def _build_admit_keys(self, user: str, day: str, month: str) -> tuple[str, ...]:
         k = self.keys
         return (k.requests_window(user), k.images_window(user), k.inflight(user), k.reservations(user),
-                k.day_usage(user, day), k.month_usage(user, month))
+                k.day_usage(user, day), k.month_usage(user, month), k.ledger(user))
 
     async def admit(self, *, user: str, limits: Limits, request_id: str, n: int, est_tokens: int,
                     est_usd_micros: int, now_ms: int, queue_deadline: float | None = None,
-                    mode: str = "all") -> Admission:
+                    mode: str = "all", record: Mapping[str, str] | None = None) -> Admission:
         """Admit a request or raise ``RateLimited`` / ``QuotaExceeded``; Redis errors and ``Shed`` propagate.
 
         ``queue_deadline`` (monotonic seconds): shed rather than wait for Redis past it (see ``Batcher``).
         ``mode`` splits a job's admission in two (admit.lua): ``reserve`` checks and reserves the
         quotas at submission, ``pace`` checks the per-minute and concurrency limits when it starts.
+        ``record`` is the ledger record written if the lease expires without a settle.
         """
         if mode not in ADMIT_MODES:
             raise ValueError(f"mode must be one of {ADMIT_MODES}, got {mode!r}")
@@ -208,7 +216,8 @@ class Limiter:
         deadline = now_ms + self.lease_ms
         keys = self._admit_keys(user, periods.day, periods.month)
         args: list[Any] = [request_id, now_ms, deadline, n, est_tokens, est_usd_micros,
-                           *_plan_args(limits), self.day_ttl_s, self.month_ttl_s, WINDOW_MS, mode]
+                           *_plan_args(limits), self.day_ttl_s, self.month_ttl_s, WINDOW_MS, mode,
+                           _record_json(record), *self._expiry_args(user)]
         reply = await self.batcher.run(self._admit, keys, args, deadline=queue_deadline)
         if int(reply[0]) == 0:
             raise _refusal(_text(reply[1]), int(reply[2]), limits, periods)
@@ -256,6 +265,21 @@ class Limiter:
         """Free the concurrency slot of a paced job found cancelled (its reservation is already gone)."""
         await self._client.zrem(self.keys.inflight(user), request_id)
 
+    async def renew(self, admission: Admission, now_ms: int) -> bool:
+        """Push a running request's lease to ``now_ms`` + the lease; False if it is already gone."""
+        keys = [self.keys.inflight(admission.user)]
+        return bool(int(await self.batcher.run(self._renew, keys, [admission.request_id, now_ms + self.lease_ms])))
+
+    async def sweep(self, user: str, now_ms: int, most: int = 256) -> int:
+        """Expire the user's leases past their deadline (worker died): unsettled records written."""
+        k = self.keys
+        keys = [k.inflight(user), k.reservations(user), k.ledger(user)]
+        return int(await self.batcher.run(self._sweep, keys, [now_ms, *self._expiry_args(user), most]))
+
+    def _expiry_args(self, user: str) -> list[Any]:
+        """What expiring a lease needs: the settled-marker key prefix, its TTL, the ledger's MAXLEN."""
+        return [self.keys.settled(user, ""), self.settled_ttl_s, self.ledger_maxlen]
+
     async def release(self, admission: Admission, record: Mapping[str, str] | None = None) -> bool:
         """Settle a failed call: it costs nothing, but still counts as a finished request."""
         return await self.settle(admission, NO_USAGE, record)
@@ -272,6 +296,11 @@ def _plan_args(limits: Limits) -> tuple[int, ...]:
                                          limits.max_concurrent_requests, limits.tokens_per_day,
                                          limits.tokens_per_month, limits.images_per_day,
                                          limits.images_per_month, usd_limit))
+
+
+def _record_json(record: Mapping[str, str] | None) -> bytes:
+    """A ledger record as the JSON array [field, value, ...] that Lua's cjson hands to XADD."""
+    return orjson.dumps([x for pair in record.items() for x in pair]) if record else b""
 
 
 def _check_counts(**values: int) -> None:

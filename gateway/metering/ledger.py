@@ -2,7 +2,10 @@
 
 A record is written by ``settle.lua`` into the user's Redis Stream (``RedisKeys.ledger``)
 in the same script that settles the quota, so the aggregates and the ledger never
-disagree. Stream values are strings; ``decode_record`` turns them back into typed values.
+disagree. A request whose lease expired without a settle (its worker died) gets the
+record ``unsettled_record`` built at admission, written by ``admit.lua`` or ``sweep.lua``
+when they find the lease expired: ``settled: false``, the reservation's estimate as usage.
+Stream values are strings; ``decode_record`` turns them back into typed values.
 
 Reading (admin API and ``gateway usage`` share it): ``period_totals`` reads one day or
 month aggregate hash; ``iter_records`` streams the records whose ``time`` (the admission
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,10 +37,11 @@ from gateway.redisdb.keys import RedisKeys
 # The billing schema, in CSV column order. Never a key, a prompt or a secret.
 FIELDS = ("request_id", "time", "user", "team", "key_id", "route", "model", "size", "quality", "n", "stream",
           "status", "input_tokens", "input_text_tokens", "input_image_tokens", "output_tokens",
-          "total_tokens", "images", "usd", "latency_ms", "incomplete", "client_gone")
+          "total_tokens", "images", "usd", "latency_ms", "incomplete", "client_gone", "settled")
 _INTS = frozenset({"n", "status", "input_tokens", "input_text_tokens", "input_image_tokens", "output_tokens",
                    "total_tokens", "images", "latency_ms"})
-_BOOLS = frozenset({"stream", "incomplete", "client_gone"})
+_BOOLS = frozenset({"stream", "incomplete", "client_gone", "settled"})
+_TRUE_IF_ABSENT = frozenset({"settled"})  # records written before the field existed were all settled
 _OPTIONAL = frozenset({"team", "size", "quality"})  # "" in the stream and CSV, null in JSONL
 TOTAL_FIELDS = ("requests", "images", "input_tokens", "input_text_tokens", "input_image_tokens", "output_tokens",
                 "total_tokens")
@@ -80,9 +85,21 @@ def build_record(exchange: Exchange, usage: SettledUsage, latency_ms: int) -> di
         "input_text_tokens": usage.input_text_tokens, "input_image_tokens": usage.input_image_tokens,
         "output_tokens": usage.output_tokens, "total_tokens": usage.total_tokens, "images": usage.images,
         "usd": usd_text(usage.usd_micros), "latency_ms": latency_ms, "incomplete": exchange.incomplete,
-        "client_gone": exchange.client_gone,
+        "client_gone": exchange.client_gone, "settled": True,
     }
     return {k: _field_text(values[k]) for k in FIELDS}
+
+
+def unsettled_record(exchange: Exchange, tokens: int, usd_micros: int) -> dict[str, str]:
+    """The record written if the request's lease expires without a settle (its worker died).
+
+    Its usage is the reservation's estimate (total tokens, images = n, usd), which the quota keeps:
+    the upstream may have generated and billed it. ``status`` 0: no answer is known.
+    """
+    usage = SettledUsage(total_tokens=tokens, images=exchange.request.n, usd_micros=usd_micros)
+    record = build_record(replace(exchange, status=0, incomplete=True, client_gone=False), usage, 0)
+    record["settled"] = "false"
+    return record
 
 
 def _field_text(value: Any) -> str:
@@ -104,7 +121,7 @@ def decode_record(fields: Mapping[Any, Any]) -> dict[str, Any]:
         if name in _INTS:
             out[name] = int(value or 0)
         elif name in _BOOLS:
-            out[name] = value == "true"
+            out[name] = value == "true" or (not value and name in _TRUE_IF_ABSENT)
         elif name in _OPTIONAL:
             out[name] = value or None
         else:

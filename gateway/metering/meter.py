@@ -31,7 +31,7 @@ def upstream_outcome(exchange: Exchange) -> str:
 
 def billed_usage(settings: Settings, exchange: Exchange) -> SettledUsage:
     """What the request is billed: the reported usage of a 2xx answer, priced; nothing otherwise."""
-    if not 200 <= exchange.status < 300:
+    if not (200 <= exchange.status < 300 or exchange.upstream_billed):
         return NO_USAGE
     u = exchange.usage
     usd = cost_micros(settings.models[exchange.request.model], exchange.request, u)

@@ -31,7 +31,7 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # Exactly the ``op`` values the code emits (tests/metering/test_metrics.py checks both ways), so a
 # dashboard sees every series at 0 before the first failure and no series that can never move.
 REDIS_OPS = ("admit", "cancel", "settle", "ping", "auth_guard", "key_create", "key_lookup", "key_list",
-             "key_revoke", "usage", "idempotency", "jobs")
+             "key_revoke", "usage", "idempotency", "jobs", "renew", "sweep")
 LOST_SETTLEMENT_REASONS = ("no_spool", "spool_error")
 STORAGE_OPS = ("start", "put", "get", "presign")  # ImageStore._call(op)
 SHED_REASONS = ("queue_full", "deadline")

@@ -7,6 +7,7 @@ import logging
 import time
 
 from gateway.errors import ServiceUnavailable
+from gateway.metering.ledger import unsettled_record
 from gateway.metering.pricing import estimate
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.gateway import Gateway
@@ -35,6 +36,7 @@ async def admit(gw: Gateway, exchange: Exchange, mode: str = "all") -> list[tupl
             user=p.user, limits=p.limits, request_id=exchange.request_id, n=exchange.request.n,
             est_tokens=exchange.estimate.tokens, est_usd_micros=exchange.estimate.usd_micros,
             now_ms=exchange.started_ms, mode=mode,
+            record=unsettled_record(exchange, exchange.estimate.tokens, exchange.estimate.usd_micros),
             queue_deadline=time.monotonic() + gw.settings.redis.admission_wait_seconds)
     except Shed as exc:
         # Deliberate load shedding: never sent to Redis, so there is nothing to undo.
@@ -69,6 +71,19 @@ async def cancel_admission(gw: Gateway, exchange: Exchange, attempts: int = 8, f
             gw.metrics.redis_errors.labels("cancel").inc()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-    # Still unreachable: what admit may have written stays until its lease expires (upstream timeout + 60 s).
+    # Still unreachable: what admit may have written stays until its lease expires (upstream timeout + slack);
+    # then it is recorded like a dead worker's request (settled: false, its estimate kept on the quota).
     log.error("could not undo the admission of request %s after %d attempts; its slot and reservation are held "
-              "until the lease expires", exchange.request_id, attempts)
+              "until the lease expires, then recorded unsettled", exchange.request_id, attempts)
+
+
+async def keep_lease(gw: Gateway, exchange: Exchange) -> None:
+    """Renew a running stream's lease every third of its length until cancelled (at its settle)."""
+    if gw.limiter is None or exchange.admission is None:
+        return
+    while True:
+        await asyncio.sleep(gw.limiter.lease_ms / 3000)
+        try:
+            await gw.limiter.renew(exchange.admission, time.time_ns() // 1_000_000)
+        except REDIS_ERRORS:
+            gw.metrics.redis_errors.labels("renew").inc()  # the next try comes well before the lease ends

@@ -27,6 +27,7 @@ class Exchange:
     estimate: Estimate | None = None  # reserved at admission
     admission: Admission | None = None  # None when unmetered (no limiter, or Redis down and policy allow)
     status: int = 0  # the status the client got (the upstream's, or the gateway's own error)
+    upstream_billed: bool = False  # a 2xx answer the client got as an error (wrong type): still billed
     usage: Usage = field(default_factory=Usage)
     upstream_seconds: float | None = None
     error_reason: str | None = None  # upstream failure reason for metrics (timeout, unavailable, ...)

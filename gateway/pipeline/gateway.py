@@ -21,6 +21,7 @@ from gateway.limits.limiter import Limiter
 from gateway.metering.meter import Meter
 from gateway.metering.metrics import Metrics
 from gateway.metering.settle_queue import SettleQueue, Spool
+from gateway.metering.sweeper import LeaseSweeper
 from gateway.redisdb.batcher import Batcher
 from gateway.redisdb.client import REDIS_ERRORS, open_pipeline_redis, open_redis
 from gateway.redisdb.health import Health
@@ -36,7 +37,8 @@ class Gateway:
                  keystore: KeyStore | None = None, guard: AuthGuard | None = None,
                  health: Health | None = None, pipeline_redis: Any = None,
                  idempotency: Idempotency | None = None, jobs: JobQueue | None = None,
-                 image_store: ImageStore | None = None) -> None:
+                 image_store: ImageStore | None = None,
+                 sweeper: LeaseSweeper | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.upstream = upstream
@@ -52,6 +54,7 @@ class Gateway:
         self.health = health
         self.pipeline_redis = pipeline_redis  # the batcher's client, when it is not ``redis``
         self.idempotency = idempotency  # None: Idempotency-Key is not honoured (no Redis)
+        self.sweeper = sweeper
 
     async def authenticate(self, request: Request) -> Principal:
         """The caller's Principal; failures count toward the brute-force guard (a good key costs nothing)."""
@@ -73,6 +76,8 @@ class Gateway:
         return None
 
     async def close(self) -> None:
+        if self.sweeper is not None:
+            await self.sweeper.stop()
         await self.meter.close()
         if self.limiter is not None:
             await self.limiter.batcher.close()
@@ -112,9 +117,9 @@ async def open_gateway(settings: Settings, metrics: Metrics, *, session: aiohttp
     keystore = KeyStore(redis, redis_keys, settings, metrics=metrics)
     guard = AuthGuard(redis, redis_keys, settings.auth, metrics)
     # A slot or reservation whose worker died expires one upstream timeout (plus slack) after admission.
-    lease_seconds = settings.upstream.timeout_seconds + 60
-    limiter = Limiter(redis, redis_keys, lease_ms=int(lease_seconds * 1000), ledger_maxlen=settings.usage.stream_maxlen,
-                      batcher=batcher)
+    lease_seconds = settings.upstream.timeout_seconds + settings.limits.lease_slack_seconds
+    limiter = Limiter(redis, redis_keys, lease_ms=int(lease_seconds * 1000),
+                      ledger_maxlen=settings.usage.stream_maxlen, batcher=batcher)
     # Metering: settlements Redis refuses are retried in the background, spooled at shutdown, replayed here.
     settler = SettleQueue(limiter, metrics, redis=redis, keys=redis_keys,
                           max_size=settings.usage.settle_queue_size, spool=Spool(settings.usage.spool_path))
@@ -128,10 +133,14 @@ async def open_gateway(settings: Settings, metrics: Metrics, *, session: aiohttp
                                                bodies=bodies),
                               metrics, lease_seconds=lease_seconds, wait_seconds=lease_seconds + 30,
                               serve_unguarded=settings.redis.on_unavailable == "allow")
+    # Leases that expire unsettled (a worker died) are recorded even if their user sends nothing more.
+    sweeper = LeaseSweeper(limiter, redis, redis_keys, interval_seconds=settings.limits.sweep_interval_seconds,
+                           static_users={k.user for k in settings.keys}, metrics=metrics)
+    sweeper.start()
     jobs = JobQueue(redis, redis_keys, ttl_seconds=settings.jobs.ttl_seconds)
     return Gateway(settings, metrics=metrics, upstream=upstream, redis=redis, keystore=keystore, guard=guard,
                    limiter=limiter, meter=meter, health=health, pipeline_redis=pipeline_redis,
-                   idempotency=idempotency, jobs=jobs, image_store=image_store)
+                   idempotency=idempotency, jobs=jobs, image_store=image_store, sweeper=sweeper)
 
 
 async def _open_image_store(settings: Settings, metrics: Metrics) -> ImageStore | None:

@@ -29,15 +29,16 @@ from gateway.idempotency.fingerprint import body_fingerprint
 from gateway.idempotency.header import idempotency_key
 from gateway.idempotency.service import Ticket
 from gateway.imagestore.responses import images_as_urls
-from gateway.pipeline.admission import admit
+from gateway.pipeline.admission import admit, keep_lease
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.gateway import Gateway
 from gateway.pipeline.onbehalf import upstream_idempotency_key
 from gateway.pipeline.request import ImageRequest, stored_as_urls
 from gateway.tasks import spawn
 from gateway.upstream.client import GENERATIONS_PATH, UpstreamReply
+from gateway.upstream.delivery import ChunksResponse
 from gateway.upstream.form_body import FormBody
-from gateway.upstream.relay import ChunksResponse, Finish, StreamRelayResponse, read_json_reply
+from gateway.upstream.relay import Finish, StreamRelayResponse, read_whole_reply
 
 Headers = list[tuple[bytes, bytes]]
 _SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
@@ -129,7 +130,6 @@ async def call_upstream(gw: Gateway, exchange: Exchange, prepared: Prepared, req
                         limit_headers: Headers) -> Any:
     """Send an admitted request upstream in a shielded task; the client gets its relay."""
     headers: Headers = [(b"x-request-id", exchange.request_id.encode()), *limit_headers]
-    timeout = gw.settings.upstream.timeout_seconds
     task = spawn(forward(gw, exchange, prepared, request, headers, limit_headers))
     try:
         outcome = await asyncio.shield(task)
@@ -137,29 +137,30 @@ async def call_upstream(gw: Gateway, exchange: Exchange, prepared: Prepared, req
         # The server is stopping past its grace period. The call goes on in the background and is settled;
         # the client gets an answer it will not blindly retry (the server's own would be a bare 500, which
         # SDKs retry: a second, billed, generation).
-        task.add_done_callback(lambda t: _drain_orphaned_stream(t, gw, exchange, timeout))
+        task.add_done_callback(lambda t: _drain_orphaned_stream(t, gw, exchange))
         current = asyncio.current_task()
         if current is not None:
             current.uncancel()
         return ShuttingDown().to_response(exchange.request_id)
     if isinstance(outcome, UpstreamReply):
-        return _stream_relay(gw, exchange, outcome, [*_SSE_HEADERS, *headers], timeout)
+        return _stream_relay(gw, exchange, outcome, [*_SSE_HEADERS, *headers])
     return outcome
 
 
-def _drain_orphaned_stream(task: asyncio.Task[Any], gw: Gateway, exchange: Exchange, timeout: float) -> None:
+def _stream_relay(gw: Gateway, exchange: Exchange, reply: UpstreamReply, headers: Headers) -> StreamRelayResponse:
+    s = gw.settings
+    ticket = exchange.ticket
+    tap = ticket.tap if ticket is not None else None
+    finish = gw.meter.finish if ticket is None or tap is None else _finish_keeping(gw, ticket, reply.response.status)
+    return StreamRelayResponse(exchange, reply, headers, finish, s.upstream.timeout_seconds,
+                               s.server.send_timeout_seconds, s.upstream.max_response_bytes,
+                               renew=lambda ex: keep_lease(gw, ex), tap=tap)
+
+
+def _drain_orphaned_stream(task: asyncio.Task[Any], gw: Gateway, exchange: Exchange) -> None:
     """A stream whose requester was cancelled as its reply arrived: read it to the end and settle it."""
     if not task.cancelled() and task.exception() is None and isinstance(task.result(), UpstreamReply):
-        spawn(_stream_relay(gw, exchange, task.result(), [], timeout).drain_and_finish())
-
-
-def _stream_relay(gw: Gateway, exchange: Exchange, reply: UpstreamReply, headers: Headers,
-                  timeout: float) -> StreamRelayResponse:
-    ticket = exchange.ticket
-    if ticket is None or ticket.tap is None:
-        return StreamRelayResponse(exchange, reply, headers, gw.meter.finish, timeout)
-    return StreamRelayResponse(exchange, reply, headers, _finish_keeping(gw, ticket, reply.response.status),
-                               timeout, tap=ticket.tap)
+        spawn(_stream_relay(gw, exchange, task.result(), []).drain_and_finish())
 
 
 def _finish_keeping(gw: Gateway, ticket: Ticket, status: int) -> Finish:
@@ -195,7 +196,8 @@ async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: 
         content_type, chunks = outcome
         if 200 <= exchange.status < 300 and stored_as_urls(exchange.request):
             chunks = await _images_as_urls(gw, exchange, chunks)
-        response: Any = ChunksResponse(exchange.status, chunks, [(b"content-type", content_type), *headers])
+        response: Any = ChunksResponse(exchange.status, chunks, [(b"content-type", content_type), *headers],
+                                       gw.settings.server.send_timeout_seconds)
         if exchange.ticket is not None:
             kept = answer_of(exchange.status, content_type.decode(), chunks)
     except GatewayError as err:
@@ -252,11 +254,15 @@ async def run_detached(gw: Gateway, exchange: Exchange, body: bytes, idempotency
 
 async def _exchange(gw: Gateway, exchange: Exchange,
                     send: Callable[[], Awaitable[UpstreamReply]]) -> UpstreamReply | tuple[bytes, list[bytes]]:
-    """Send upstream; a stream's reply as it arrived, else (content type, body chunks) read whole."""
+    """Send upstream; a stream's reply as it arrived, else (content type, body chunks) read whole.
+
+    The request's ``stream`` field decides which (read_whole_reply answers a mismatched 2xx with 502).
+    """
     reply = await send()
-    if reply.is_event_stream:
+    if exchange.request.stream and reply.is_event_stream:
         return reply
-    chunks = await read_json_reply(exchange, reply, gw.settings.upstream.timeout_seconds)
+    upstream = gw.settings.upstream
+    chunks = await read_whole_reply(exchange, reply, upstream.timeout_seconds, upstream.max_response_bytes)
     exchange.status = reply.response.status
     return reply.response.headers.get("content-type", "application/json").encode(), chunks
 

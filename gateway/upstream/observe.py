@@ -215,25 +215,24 @@ class SseUsageParser:
             del self._buf[:cut + sep]
             self._event(event)
 
-    def close(self) -> None:
-        """End of stream: a trailing event without its blank line still counts."""
-        if self._buf.strip():
-            self._event(bytes(self._buf))
+    @property
+    def at_boundary(self) -> bool:
+        """Everything fed so far ends on an event boundary (no partial event pending)."""
+        return not self._buf.strip()
+
+    def close(self, *, clean: bool = True) -> None:
+        """End of stream: a trailing event without its blank line counts only if the stream ended
+        cleanly and its data is whole JSON; a truncated event is never billed as a completed image."""
+        tail = bytes(self._buf)
         self._buf.clear()
+        if tail.strip() and clean and _loads(_parse_event(tail)[1]) is not None:
+            self._event(tail)
 
     def _event(self, raw: bytes) -> None:
-        name = b""
-        data: list[bytes] = []
-        for line in raw.split(b"\n"):
-            line = line.rstrip(b"\r")
-            if line.startswith(b"data:"):
-                data.append(line[6:] if line[5:6] == b" " else line[5:])
-            elif line.startswith(b"event:"):
-                name = line[6:].strip()
-        if not data and not name:
+        name, payload = _parse_event(raw)
+        if name is None:
             return
         self.events += 1
-        payload = b"\n".join(data)
         if name == b"error":
             self.error = _loads(payload)
             return
@@ -248,6 +247,21 @@ class SseUsageParser:
             self.completed += 1
             self.usage.images += 1
             self.usage.add_openai(scanner.value("usage"))
+
+
+def _parse_event(raw: bytes) -> tuple[bytes | None, bytes]:
+    """An event's name and data; name None when it has neither (a comment, a blank)."""
+    name = b""
+    data: list[bytes] = []
+    for line in raw.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line.startswith(b"event:"):
+            name = line[6:].strip()
+    if not data and not name:
+        return None, b""
+    return name, b"\n".join(data)
 
 
 def _skippable(buf: bytearray) -> bool:

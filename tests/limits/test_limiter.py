@@ -349,18 +349,63 @@ async def test_failed_call_gives_its_reservation_back(backend: Backend, limiter:
     assert day["requests"] == 1 and day["total_tokens"] == 0 and day["res_tokens"] == 2 * HIGH_1024
 
 
-async def test_expired_reservation_is_reclaimed(backend: Backend, limiter: Limiter) -> None:
+def unsettled(rid: str, tokens: int) -> dict[str, str]:
+    return {"request_id": rid, "user": "alice", "total_tokens": str(tokens), "settled": "false"}
+
+
+async def ledger(backend: Backend) -> list[dict[str, str]]:
+    entries = await backend.client.xrange(KEYS.ledger("alice"))
+    return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in entries]
+
+
+async def test_expired_lease_keeps_its_estimate_and_writes_an_unsettled_record(
+        backend: Backend, limiter: Limiter) -> None:
     limits = Limits(tokens_per_day=10_000)
-    a = await admit(limiter, limits, "a", T0, tokens=HIGH_1024)
-    await admit(limiter, limits, "b", T0, tokens=HIGH_1024)
+    a = await limiter.admit(user="alice", limits=limits, request_id="a", n=1, est_tokens=HIGH_1024,
+                            est_usd_micros=7, now_ms=T0, record=unsettled("a", HIGH_1024))
+    await admit(limiter, limits, "b", T0, tokens=HIGH_1024)  # no record given: the quota still keeps it
     await refused(limiter, limits, "c", T0 + LEASE - 1, tokens=HIGH_1024)
-    await admit(limiter, limits, "c", T0 + LEASE, tokens=HIGH_1024)  # a and b's worker died
+    # a and b's worker died: their leases expire at the next admit, their estimates stay on the quota.
+    await refused(limiter, limits, "c", T0 + LEASE, tokens=HIGH_1024)
     day_key = KEYS.day_usage("alice", "2026-11-24")
-    assert (await usage(backend.client, day_key))["res_tokens"] == HIGH_1024
-    # A settle that arrives after its reservation was reclaimed adds usage, and releases nothing twice.
-    assert await limiter.settle(a, SettledUsage(total_tokens=3000))
     day = await usage(backend.client, day_key)
-    assert day["res_tokens"] == HIGH_1024 and day["total_tokens"] == 3000
+    assert (day["res_tokens"], day["total_tokens"], day["requests"], day["images"], day["usd_micros"]) == \
+        (0, 2 * HIGH_1024, 2, 2, 7)
+    assert await ledger(backend) == [unsettled("a", HIGH_1024)]
+    assert await backend.client.zcard(KEYS.inflight("alice")) == 0
+    # A settle that comes after the record (the worker was only slow) counts nothing twice.
+    assert not await limiter.settle(a, SettledUsage(total_tokens=3000, images=1), {"request_id": "a"})
+    assert await usage(backend.client, day_key) == day
+    assert len(await ledger(backend)) == 1
+
+
+async def test_sweep_records_expired_leases_of_a_user_who_sends_nothing_more(
+        backend: Backend, limiter: Limiter) -> None:
+    limits = Limits(tokens_per_month=100_000)
+    for rid in ("a", "b"):
+        await limiter.admit(user="alice", limits=limits, request_id=rid, n=2, est_tokens=HIGH_1024,
+                            est_usd_micros=0, now_ms=T0, record=unsettled(rid, HIGH_1024))
+    c = await admit(limiter, limits, "c", T0 + 1000, tokens=HIGH_1024)
+    assert await limiter.sweep("alice", T0 + LEASE - 1) == 0
+    assert await limiter.sweep("alice", T0 + LEASE) == 2  # c's lease ends a second later
+    assert await limiter.sweep("alice", T0 + LEASE) == 0
+    assert [r["request_id"] for r in await ledger(backend)] == ["a", "b"]
+    month = await usage(backend.client, KEYS.month_usage("alice", "2026-11"))
+    assert (month["total_tokens"], month["images"], month["res_tokens"]) == (2 * HIGH_1024, 4, HIGH_1024)
+    assert await limiter.settle(c, SettledUsage(total_tokens=100, images=1))
+    assert await limiter.sweep("alice", T0 + 2 * LEASE) == 0
+
+
+async def test_a_renewed_lease_keeps_its_slot_and_reservation(backend: Backend, limiter: Limiter) -> None:
+    limits = Limits(max_concurrent_requests=1, tokens_per_day=5000)
+    a = await admit(limiter, limits, "a", T0, tokens=HIGH_1024)
+    assert await limiter.renew(a, T0 + LEASE - 1)  # a long stream, still running
+    exc = await refused(limiter, limits, "b", T0 + LEASE + 1, tokens=10)  # not taken for a dead worker's
+    assert exc.limit_name == "max_concurrent_requests"
+    assert (await usage(backend.client, KEYS.day_usage("alice", "2026-11-24")))["res_tokens"] == HIGH_1024
+    assert await limiter.settle(a, SettledUsage(total_tokens=100))
+    assert not await limiter.renew(a, T0 + LEASE + 2)  # settled: the lease is never created again
+    assert await backend.client.zscore(KEYS.inflight("alice"), "a") is None
 
 
 async def test_unsettled_reservation_outlives_its_lease_until_reclaimed(backend: Backend, limiter: Limiter) -> None:

@@ -30,6 +30,7 @@ from gateway.metering.ledger import (
     iter_records,
     parse_iso,
     period_totals,
+    unsettled_record,
     usd_text,
 )
 from gateway.metering.metrics import Metrics
@@ -103,8 +104,18 @@ def test_record_has_exactly_the_schema_and_no_secret() -> None:
         "quality": "high", "n": 1,
         "stream": True, "status": 200, "input_tokens": 10, "input_text_tokens": 7, "input_image_tokens": 3,
         "output_tokens": 4160, "total_tokens": 4170, "images": 1, "usd": "0.166465", "latency_ms": 1500,
-        "incomplete": True, "client_gone": True}
+        "incomplete": True, "client_gone": True, "settled": True}
     assert "secret" not in str(record)
+    # Records written before `settled` existed were all settled.
+    old = {k.encode(): v.encode() for k, v in record.items() if k != "settled"}
+    assert decode_record(old)["settled"] is True
+
+
+def test_unsettled_record_carries_the_estimate() -> None:
+    record = decode_record(unsettled_record(exchange("req2"), 4170, 166_465))
+    assert (record["settled"], record["status"], record["total_tokens"], record["images"], record["usd"],
+            record["output_tokens"], record["incomplete"]) == (False, 0, 4170, 1, "0.166465", 0, True)
+    assert (record["user"], record["model"], record["time"]) == ("alice", "gpt-image-1", iso_ms(T0))
 
 
 def test_an_edit_is_recorded_as_route_edits_and_old_records_read_as_generations() -> None:
@@ -122,7 +133,7 @@ def test_csv_row_quotes_and_nulls() -> None:
     record["team"] = None
     row = csv_record(record).decode()
     assert row == (f'"r,1",{iso_ms(T0)},alice,,k_1234,generations,gpt-image-1,1024x1024,high,1,false,200,'
-                   '10,7,3,4160,4170,1,0.166465,1,false,false\r\n')
+                   '10,7,3,4160,4170,1,0.166465,1,false,false,true\r\n')
     assert next(csv.reader(io.StringIO(row)))[0] == "r,1"
 
 

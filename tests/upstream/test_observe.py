@@ -108,3 +108,19 @@ def test_sse_parser_counts_edit_events_as_generation_events() -> None:
     parser.close()
     assert (parser.events, parser.completed, parser.usage.images) == (3, 2, 2)
     assert parser.usage.input_image_tokens == 3 and parser.usage.total_tokens == 4172 + 3
+
+
+def test_sse_parser_never_counts_a_truncated_final_event() -> None:
+    head = (b"event: image_generation.completed\ndata: "
+            b'{"type": "image_generation.completed", "usage": {"output_tokens": 7}')
+    whole, cut = head + b"}\n\n", head + b', "b64_json": "QUJ'
+    for clean in (True, False):
+        parser = SseUsageParser()
+        parser.feed(whole + cut)
+        assert not parser.at_boundary
+        parser.close(clean=clean)
+        assert (parser.completed, parser.usage.output_tokens) == (1, 7)
+    parser = SseUsageParser()
+    parser.feed(whole + cut[:cut.index(b"data:")] + b'data: {"type": "image_generation.completed"}')
+    parser.close(clean=False)  # whole, but the connection failed: not known to be complete
+    assert parser.completed == 1

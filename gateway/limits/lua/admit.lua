@@ -2,9 +2,11 @@
 -- KEYS[1]  requests window  ZSET  member request_id,           score admission ms
 -- KEYS[2]  images window    ZSET  members request_id:1..n,     score admission ms
 -- KEYS[3]  in-flight leases ZSET  member request_id,           score lease deadline ms
--- KEYS[4]  reservations     HASH  request_id -> "tokens images usd_micros\nDAY_KEY\nMONTH_KEY"
+-- KEYS[4]  reservations     HASH  request_id -> "tokens images usd_micros\nDAY_KEY\nMONTH_KEY[\nRECORD]"
+--          (RECORD: the JSON [field, value, ...] ledger record written if the lease expires)
 -- KEYS[5]  usage of the current UTC day    HASH (fields: see settle.lua, plus res_*)
 -- KEYS[6]  usage of the current UTC month  HASH
+-- KEYS[7]  ledger           STREAM (records of expired leases, see lib.lua expire_lease)
 -- ARGV[1]  request_id            ARGV[2] now ms           ARGV[3] lease deadline ms
 -- ARGV[4]  n (images)            ARGV[5] estimated tokens ARGV[6] estimated usd micros
 -- ARGV[7..14] limits, -1 = unlimited: requests_per_minute, images_per_minute,
@@ -15,6 +17,9 @@
 --          quota checks and the reservation only), 'pace' (a job starting: per-minute and
 --          concurrency checks, window entries and lease only; its reservation was made at
 --          submission under the same request_id)
+-- ARGV[19] this request's unsettled ledger record, JSON ('' for none)
+-- ARGV[20] settled marker key prefix (the marker of request R is ARGV[20] .. R)
+-- ARGV[21] settled marker TTL s  ARGV[22] ledger MAXLEN (trimmed approximately)
 -- returns  admitted: {1, requests_in_window, oldest_request_ms, images_in_window,
 --                     oldest_image_ms, day_tokens_committed, month_tokens_committed}
 --          (status 2 instead of 1: this request_id was already admitted in this mode, nothing written)
@@ -55,8 +60,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
 -- Bounded per call; leftovers are skipped by the ZCOUNT below and reclaimed next time.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 256)
 for _, id in ipairs(expired) do
-  release_reservation(KEYS[4], id, KEYS[5], KEYS[6])
-  redis.call('ZREM', KEYS[3], id)
+  expire_lease(KEYS[3], KEYS[4], KEYS[7], id, ARGV[20] .. id, ARGV[21], ARGV[22])
 end
 
 local function oldest(key)
@@ -141,7 +145,9 @@ if paced then
 end
 if not reserved then return admitted(1) end
 -- The amounts are stored as the caller's strings: Lua's tostring would round big numbers.
-redis.call('HSET', KEYS[4], rid, ARGV[5] .. ' ' .. ARGV[4] .. ' ' .. ARGV[6] .. '\n' .. KEYS[5] .. '\n' .. KEYS[6])
+local reservation = ARGV[5] .. ' ' .. ARGV[4] .. ' ' .. ARGV[6] .. '\n' .. KEYS[5] .. '\n' .. KEYS[6]
+if ARGV[19] ~= '' then reservation = reservation .. '\n' .. ARGV[19] end
+redis.call('HSET', KEYS[4], rid, reservation)
 keep_for(KEYS[4], keep_ms)
 for j, k in ipairs({KEYS[5], KEYS[6]}) do
   redis.call('HINCRBY', k, 'res_tokens', est_tokens)

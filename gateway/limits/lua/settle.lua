@@ -5,7 +5,8 @@
 -- KEYS[4]  usage of the UTC month of the admission  HASH
 --          fields: requests images input_tokens input_text_tokens input_image_tokens
 --          output_tokens total_tokens usd_micros, and res_tokens res_images res_usd_micros
--- KEYS[5]  settled marker   STRING (makes a retried settle a no-op)
+-- KEYS[5]  settled marker   STRING (makes a retried settle a no-op; also set when the lease
+--          expired unsettled, so a late settle after that record counts nothing twice)
 -- KEYS[6]  ledger           STREAM
 -- ARGV[1]  request_id
 -- ARGV[2..7] usage: input_text_tokens input_image_tokens output_tokens total_tokens images
@@ -55,8 +56,7 @@ if not redis.call('SET', KEYS[5], '1', 'NX', 'EX', ARGV[10]) then return 0 end
 local rid = ARGV[1]
 redis.call('ZREM', KEYS[1], rid)
 
--- Give the reservation back unless admit already reclaimed it (the lease expired).
--- Only the period keys it was made in are released, as admit does.
+-- Give the reservation back. Only the period keys it was made in are released, as admit does.
 release_reservation(KEYS[2], rid, KEYS[3], KEYS[4])
 
 -- Every finished admitted request counts in `requests`, whatever its status.

@@ -1,0 +1,118 @@
+"""Sending an answer to the client with a deadline: a client that stops reading is dropped.
+
+Every write waits at most ``server.send_timeout_seconds`` for the client to take it; past
+that, the connection is aborted (what it never read is discarded, not kept in the socket's
+buffer) and the response's memory is freed. uvicorn gives the ASGI app no handle on its
+transport, so ``ClientLink`` finds it under uvicorn's ``receive`` (a bound method of the
+connection's cycle); under another server the client is only marked gone and the server closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import socket
+import struct
+from typing import Any
+
+from starlette.types import Message, Receive, Scope, Send
+
+_DISCONNECT_WAIT_SECONDS = 5.0  # for the server to notice an aborted connection before the app returns
+_LIBC = ctypes.util.find_library("c")
+_malloc_trim = getattr(ctypes.CDLL(_LIBC), "malloc_trim", None) if _LIBC else None
+
+
+def give_memory_back() -> None:
+    """Return the freed heap pages of a dropped answer to the OS (glibc keeps them otherwise: RSS stays up)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+class ClientLink:
+    """The client's side of one response: sends with a deadline, learns when the client has gone."""
+
+    def __init__(self, send: Send, receive: Receive, timeout_seconds: float, exchange: Any = None) -> None:
+        self._send = send
+        self._receive = receive
+        self.timeout_seconds = timeout_seconds
+        self.exchange = exchange  # its ``client_gone`` is set when the client leaves or is dropped
+        self.gone = False
+        self.dropped = False
+        # uvicorn drops sends to a departed client silently: learn of it from receive() instead.
+        self._watcher = asyncio.ensure_future(self._watch_disconnect())
+
+    async def _watch_disconnect(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self._mark_gone()
+
+    def _mark_gone(self) -> None:
+        self.gone = True
+        if self.exchange is not None:
+            self.exchange.client_gone = True
+
+    async def send(self, message: Message) -> bool:
+        """Send one message; False if the client is gone or was dropped for not taking it in time."""
+        if self.gone:
+            return False
+        try:
+            await asyncio.wait_for(self._send(message), self.timeout_seconds)
+        except TimeoutError:
+            self.drop()
+            return False
+        except OSError:  # ASGI 2.4 servers raise once the client has gone
+            self._mark_gone()
+            return False
+        return True
+
+    def drop(self) -> None:
+        """Abort the connection now: the client stopped reading (or fell too far behind)."""
+        self._mark_gone()
+        self.dropped = True
+        transport = getattr(getattr(self._receive, "__self__", None), "transport", None)
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Linger 0: the kernel resets the connection and frees its send buffer, instead of holding
+            # the unread bytes (and the connection) for as long as the client keeps its window shut.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+
+    async def close(self) -> None:
+        """Stop watching; after a drop, wait until the server has seen the connection go."""
+        if self.gone and not self._watcher.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._watcher), _DISCONNECT_WAIT_SECONDS)
+        self._watcher.cancel()
+        if self.dropped:
+            give_memory_back()
+
+
+class ChunksResponse:
+    """A finished body sent as the chunks it arrived in, with the upstream's status and type."""
+
+    def __init__(self, status: int, chunks: list[bytes], headers: list[tuple[bytes, bytes]],
+                 send_timeout_seconds: float) -> None:
+        self.status = status
+        self.chunks = chunks
+        self.headers = [*headers, (b"content-length", str(sum(map(len, chunks))).encode())]
+        self.send_timeout_seconds = send_timeout_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        link = ClientLink(send, receive, self.send_timeout_seconds)
+        try:
+            if not await link.send({"type": "http.response.start", "status": self.status, "headers": self.headers}):
+                return
+            last = len(self.chunks) - 1
+            for i, chunk in enumerate(self.chunks):
+                if not await link.send({"type": "http.response.body", "body": chunk, "more_body": i < last}):
+                    return
+            if last < 0:
+                await link.send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.chunks = []  # a dropped client's answer is freed now, not when the connection object goes
+            await link.close()
