@@ -50,6 +50,7 @@ class Health:
         self._last_reply = time.monotonic()
         self._on_open: list[Callable[[], None]] = []
         self._wake = asyncio.Event()
+        self._closing = False
         self._task: asyncio.Task[None] | None = None
 
     def on_open(self, callback: Callable[[], None]) -> None:
@@ -69,8 +70,12 @@ class Health:
             self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
+        # A flag as well as the cancel: Python 3.11's wait_for can swallow a cancellation that lands as
+        # its inner wait completes (the wake event set by a failing call), and the loop would go on.
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
+            self._wake.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
@@ -100,7 +105,7 @@ class Health:
             callback()
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             await self.check()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
