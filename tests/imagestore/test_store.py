@@ -174,7 +174,7 @@ async def test_a_stopped_store_is_storage_unavailable_counted_and_names_no_crede
     weed = SeaweedS3().start()
     try:
         s3 = S3Store(weed)
-        store = ImageStore(s3.settings(timeout_seconds=2.0), metrics)
+        store = ImageStore(s3.settings(timeout_seconds=30.0), metrics)
         await store.start()
         key = await store.put_image(IMAGE)
         weed.stop()
