@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -32,6 +33,7 @@ log = logging.getLogger("gateway.imagestore")
 _FAILURES = (BotoCoreError, ClientError, aiohttp.ClientError, asyncio.TimeoutError, OSError)
 _MISSING = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _KNOWN_KEYS = 10_000  # keys this process stored lately: a repeat put of the same image is skipped ...
+_CHUNK = 1 << 16  # bytes per read when an object is copied to a file
 _KNOWN_SECONDS = 3600.0  # ... within an hour: a bucket lifecycle rule may have expired an older object
 
 
@@ -146,6 +148,18 @@ class ImageStore:
 
     async def get_blob(self, key: str) -> bytes | None:
         """The bytes stored under ``key``, or None when there is no such object."""
+        buffer = io.BytesIO()
+        return None if await self.get_file(key, buffer) is None else buffer.getvalue()
+
+    async def put_file(self, key: str, file: IO[bytes], size: int) -> None:
+        """Store ``size`` bytes read from ``file`` (from its start) under ``key``, streamed, not held in memory."""
+        file.seek(0)
+        async with self._call("put"):
+            await self._client.put_object(Bucket=self.bucket, Key=key, Body=file, ContentLength=size,
+                                          ContentType=media_type(key))
+
+    async def get_file(self, key: str, file: IO[bytes]) -> int | None:
+        """Write the object under ``key`` into ``file`` in chunks; its size, or None when there is no such object."""
         async with self._call("get"):
             try:
                 answer = await self._client.get_object(Bucket=self.bucket, Key=key)
@@ -153,8 +167,20 @@ class ImageStore:
                 if _error_code(exc) in _MISSING:
                     return None
                 raise
+            size = 0
             async with answer["Body"] as body:
-                return bytes(await body.read())
+                while chunk := await body.read(_CHUNK):
+                    file.write(chunk)
+                    size += len(chunk)
+        return size
+
+    async def delete(self, keys: list[str]) -> None:
+        """Remove ``keys`` (missing ones are fine)."""
+        if not keys:
+            return
+        async with self._call("delete"):
+            await self._client.delete_objects(Bucket=self.bucket,
+                                              Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
 
     async def presigned_url(self, key: str) -> str:
         """A GET URL for ``key`` that works for ``storage.url_ttl_seconds`` (signed locally, no round trip)."""

@@ -33,7 +33,7 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 REDIS_OPS = ("admit", "cancel", "settle", "ping", "auth_guard", "key_create", "key_lookup", "key_list",
              "key_revoke", "usage", "idempotency", "jobs", "renew", "sweep")
 LOST_SETTLEMENT_REASONS = ("no_spool", "spool_error")
-STORAGE_OPS = ("start", "put", "get", "presign")  # ImageStore._call(op)
+STORAGE_OPS = ("start", "put", "get", "presign", "delete")  # ImageStore._call(op)
 SHED_REASONS = ("queue_full", "deadline")
 UPSTREAM_ERROR_REASONS = ("upstream_timeout", "upstream_unavailable", "upstream_auth_failed", "status_4xx",
                           "status_5xx")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 import re
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 import pytest
 from aiobotocore.session import get_session
-from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 
 from gateway.devtools.fake_images import encode, png
@@ -49,17 +50,7 @@ async def store(s3_store: S3Store, metrics: Metrics) -> AsyncIterator[ImageStore
 
 
 async def bucket_keys(s3_store: S3Store) -> list[str] | None:
-    """The bucket's object keys as S3 lists them, or None if the bucket does not exist."""
-    async with get_session().create_client("s3", endpoint_url=s3_store.endpoint, region_name="us-east-1",
-                                           aws_access_key_id=s3_store.access_key,
-                                           aws_secret_access_key=s3_store.secret_key) as s3:
-        try:
-            answer = await s3.list_objects_v2(Bucket=s3_store.bucket)
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] == "NoSuchBucket":
-                return None
-            raise
-    return [obj["Key"] for obj in answer.get("Contents", [])]
+    return await s3_store.object_keys()
 
 
 async def download(url: str) -> httpx.Response:
@@ -149,6 +140,21 @@ async def test_blobs_round_trip_and_a_missing_blob_is_none(store: ImageStore) ->
     await store.put_blob("idempotency/abc", b"\x00answer" * 1000)
     assert await store.get_blob("idempotency/abc") == b"\x00answer" * 1000
     assert await store.get_blob("idempotency/missing") is None
+
+
+async def test_files_stream_in_and_out_and_deleted_keys_are_gone(store: ImageStore, s3_store: S3Store) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)  # several read chunks, not a multiple of one
+    with tempfile.TemporaryFile() as source, tempfile.TemporaryFile() as copy:
+        source.write(data)
+        await store.put_file("jobs/j1/0.png", source, len(data))
+        assert await store.get_file("jobs/j1/0.png", copy) == len(data)
+        copy.seek(0)
+        assert copy.read() == data
+        assert await store.get_file("jobs/j1/missing.png", copy) is None
+    await store.put_blob("jobs/j1/1.png", b"x")
+    await store.put_blob("kept.png", b"y")
+    await store.delete(["jobs/j1/0.png", "jobs/j1/1.png", "jobs/j1/never-stored.png"])
+    assert await bucket_keys(s3_store) == ["kept.png"]
 
 
 async def test_images_as_urls_stores_each_image_and_keeps_every_other_field(store: ImageStore) -> None:

@@ -9,6 +9,9 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
+from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
+
 from gateway.devtools.seaweed import SeaweedS3
 from gateway.imagestore.settings import StorageSettings
 
@@ -39,6 +42,19 @@ class S3Store:
         values: dict[str, object] = {"endpoint_url": self.endpoint, "bucket": self.bucket,
                                      "access_key_id": self.access_key, "secret_access_key": self.secret_key}
         return StorageSettings(**{**values, **overrides})  # type: ignore[arg-type]
+
+    async def object_keys(self, prefix: str = "") -> list[str] | None:
+        """The bucket's object keys under ``prefix`` as S3 lists them, or None if the bucket does not exist."""
+        async with get_session().create_client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                                               aws_access_key_id=self.access_key,
+                                               aws_secret_access_key=self.secret_key) as s3:
+            try:
+                answer = await s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] == "NoSuchBucket":
+                    return None
+                raise
+        return [obj["Key"] for obj in answer.get("Contents", [])]
 
     def env(self) -> dict[str, str]:
         """The environment a gateway process would get."""
