@@ -13,7 +13,8 @@ from gateway.http.form import read_form
 from gateway.idempotency.fingerprint import form_fingerprint, json_fingerprint
 from gateway.jobs.submit import enqueue, reserve, wants_async
 from gateway.pipeline.edit_rules import validate_edit
-from gateway.pipeline.lifecycle import Arrival, Prepared, handle
+from gateway.pipeline.gateway import Gateway
+from gateway.pipeline.lifecycle import Arrival, Prepare, Prepared, handle
 from gateway.pipeline.onbehalf import upstream_user
 from gateway.pipeline.request import EDITS, GENERATIONS, stored_as_urls, validate_image_request
 from gateway.upstream.client import EDITS_PATH
@@ -39,9 +40,7 @@ async def create_image(request: Request) -> object:
         upstream = {k: v for k, v in data.items() if k != "response_format"} if stored_as_urls(image) else data
         return Prepared(image, orjson.dumps(upstream), fingerprint=lambda: json_fingerprint(data))
 
-    if wants_async(request):  # a job (SPEC section 10); edits are not yet (docs/architecture.md)
-        return await handle(gw, arrival_of(request, GENERATIONS), prepare, admit_with=reserve, then=enqueue)
-    return await handle(gw, arrival_of(request, GENERATIONS), prepare)
+    return await _handle(gw, request, GENERATIONS, prepare)
 
 
 async def edit_image(request: Request) -> object:
@@ -64,4 +63,11 @@ async def edit_image(request: Request) -> object:
         return Prepared(image, FormBody(upstream, form.files), path=EDITS_PATH,
                         fingerprint=lambda: form_fingerprint(fields, files))
 
-    return await handle(gw, arrival_of(request, EDITS), prepare)
+    return await _handle(gw, request, EDITS, prepare)
+
+
+async def _handle(gw: Gateway, request: Request, route: str, prepare: Prepare) -> object:
+    """The pipeline for ``route``: the upstream call, or a job's submission on ``Prefer: respond-async`` (SPEC §10)."""
+    if wants_async(request):
+        return await handle(gw, arrival_of(request, route), prepare, admit_with=reserve, then=enqueue)
+    return await handle(gw, arrival_of(request, route), prepare)

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from gateway.auth.keystore import KeyStore
 from gateway.cli.common import settings_or_report
 from gateway.jobs.control import cancel_job
 from gateway.jobs.queue import JobQueue
@@ -19,7 +20,7 @@ from gateway.limits.limiter import Limiter
 from gateway.redisdb.client import open_redis
 from gateway.redisdb.keys import RedisKeys
 
-Action = Callable[[JobQueue, Limiter], Awaitable[int]]
+Action = Callable[[JobQueue, Limiter, KeyStore], Awaitable[int]]
 
 
 def _run(args: argparse.Namespace, action: Action) -> int:
@@ -32,7 +33,8 @@ def _run(args: argparse.Namespace, action: Action) -> int:
         keys = RedisKeys(settings.redis.key_prefix)
         try:
             queue = JobQueue(client, keys, ttl_seconds=settings.jobs.ttl_seconds)
-            return await action(queue, Limiter(client, keys, lease_ms=int(settings.upstream.timeout_seconds * 1000)))
+            limiter = Limiter(client, keys, lease_ms=int(settings.upstream.timeout_seconds * 1000))
+            return await action(queue, limiter, KeyStore(client, keys, settings))
         finally:
             await client.aclose()
 
@@ -53,7 +55,7 @@ async def _find(queue: JobQueue, job_id: str) -> Any:
 
 
 def _list(args: argparse.Namespace) -> int:
-    async def action(queue: JobQueue, _: Limiter) -> int:
+    async def action(queue: JobQueue, *_: object) -> int:
         jobs = await queue.of_user(args.user, args.limit)
         if args.json:
             print(json.dumps({"data": [_stored(j) for j in jobs]}, indent=2))
@@ -66,7 +68,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    async def action(queue: JobQueue, _: Limiter) -> int:
+    async def action(queue: JobQueue, *_: object) -> int:
         job = await _find(queue, args.id)
         if job is None:
             return 1
@@ -77,11 +79,11 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    async def action(queue: JobQueue, limiter: Limiter) -> int:
+    async def action(queue: JobQueue, limiter: Limiter, keystore: KeyStore) -> int:
         job = await _find(queue, args.id)
         if job is None:
             return 1
-        if not await cancel_job(queue, limiter, job):
+        if not await cancel_job(queue, limiter, keystore, job):
             print(f"error: the job is {job.status} and can no longer be cancelled", file=sys.stderr)
             return 1
         print(f"cancelled {args.id}")

@@ -8,17 +8,23 @@ import orjson
 
 from gateway.jobs.model import FAILED, QUEUED, Job, now_ms
 from gateway.jobs.queue import JobQueue
+from gateway.jobs.webhooks import schedule
 
 CANCELLED = {"message": "The job was cancelled before it started.", "type": "invalid_request_error",
              "param": None, "code": "job_cancelled"}
 
 
-async def cancel_job(queue: JobQueue, limiter: Any, job: Job) -> bool:
-    """Fail a queued job as cancelled and give its quota reservation back; False if it had started."""
+async def cancel_job(queue: JobQueue, limiter: Any, keystore: Any, job: Job) -> bool:
+    """Fail a queued job as cancelled, give its quota reservation back, and schedule its webhook.
+
+    False (nothing changed) if it had started. Its stream entry stays until a runner reads it: the runner
+    then drops it and deletes an edit's stored files.
+    """
     if not await queue.transition(job.user, job.id, (QUEUED,), status=FAILED, completed_ms=now_ms(),
                                   error=orjson.dumps(CANCELLED)):
         return False
     if limiter is not None:
         # At the submission's instant: the reservation is released in the day and month it was made in.
         await limiter.cancel(user=job.user, request_id=job.id, n=job.n, now_ms=job.created_ms)
+    await schedule(keystore, queue, job)
     return True

@@ -49,6 +49,7 @@ class JobQueue:
         self.ttl_seconds = ttl_seconds
         self._enqueue = redis.register_script(_lua("enqueue.lua"))
         self._transition = redis.register_script(_lua("transition.lua"))
+        self._prune = redis.register_script(_lua("prune_consumers.lua"))
 
     async def submit(self, job: Job) -> None:
         """Store and queue a new job."""
@@ -129,11 +130,19 @@ class JobQueue:
         await self.redis.xack(stream, GROUP, entry.entry_id)
         await self.redis.xdel(stream, entry.entry_id)
 
+    async def prune(self, user: str, min_idle_ms: int) -> int:
+        """Delete the consumers of the user's stream that hold no entry and were idle ``min_idle_ms``.
+
+        Runners of processes that ended leave their consumer names behind; this drops them.
+        """
+        return int(await self._prune(keys=[self.keys.job_queue(user)], args=[GROUP, min_idle_ms]))
+
     async def forget_if_empty(self, user: str) -> None:
-        """Drop an idle user from the runners' round; put them back if a job arrived meanwhile."""
+        """Drop an idle user from the runners' round (and their stream's idle consumers); back if a job arrived."""
         stream = self.keys.job_queue(user)
         if await self.redis.xlen(stream):
             return
+        await self.prune(user, 0)
         await self.redis.zrem(self.keys.job_users(), user)
         if await self.redis.xlen(stream):
             await self.redis.zadd(self.keys.job_users(), {user: now_ms()}, nx=True)

@@ -28,17 +28,18 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import GatewayError, RateLimited
+from gateway.errors import GatewayError, RateLimited, StorageUnavailable
+from gateway.imagestore.store import ImageStore
+from gateway.jobs.inputs import InputsGone, discard, load
 from gateway.jobs.model import FAILED, FINISHED, IN_PROGRESS, QUEUED, SUCCEEDED, Job, now_ms
 from gateway.jobs.queue import Entry, JobQueue
-from gateway.jobs.results import Store, store_images
+from gateway.jobs.results import store_images
 from gateway.limits.limiter import Admission
 from gateway.metering.pricing import estimate
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.gateway import Gateway
 from gateway.pipeline.lifecycle import run_detached
 from gateway.pipeline.onbehalf import upstream_idempotency_key
-from gateway.pipeline.request import validate_image_request
 from gateway.redisdb.client import REDIS_ERRORS
 from gateway.tasks import spawn
 
@@ -49,7 +50,7 @@ _MAX_WAIT = 1.0  # a paced job looks again at least this often (a slot may free 
 class Runner:
     """Runs queued jobs in this worker; ``run()`` until cancelled."""
 
-    def __init__(self, gw: Gateway, queue: JobQueue, store: Store, on_finished: Any = None) -> None:
+    def __init__(self, gw: Gateway, queue: JobQueue, store: ImageStore, on_finished: Any = None) -> None:
         self.gw = gw
         self.queue = queue
         self.store = store
@@ -97,10 +98,12 @@ class Runner:
                 break
             if user in self.pacing:
                 continue
+            idle_ms = int(self.settings.visibility_timeout_seconds * 1000)
+            if takeover:  # now and then: names of runners that ended, holding nothing
+                await self.queue.prune(user, idle_ms)
             entry = await self.queue.read(user, self.consumer)
             if entry is None and takeover:
-                entry = await self.queue.take_over(user, self.consumer,
-                                                   int(self.settings.visibility_timeout_seconds * 1000))
+                entry = await self.queue.take_over(user, self.consumer, idle_ms)
             if entry is None:
                 await self.queue.forget_if_empty(user)
                 continue
@@ -127,8 +130,10 @@ class Runner:
     async def _run(self, entry: Entry) -> None:
         try:
             job = await self.queue.get(entry.user, entry.job_id)
-            if job is None or job.status in FINISHED:
+            if job is None or job.status in FINISHED:  # expired, or cancelled while queued
                 await self.queue.done(entry)
+                if job is not None:
+                    await discard(self.store, job.route, job.body)
                 return
             admission = await self._pace(job)
             self.pacing.discard(entry.user)
@@ -139,6 +144,7 @@ class Runner:
                 assert self.gw.limiter is not None
                 await self.gw.limiter.drop_lease(job.user, job.id)
                 await self.queue.done(entry)
+                await discard(self.store, job.route, job.body)
                 return
             # From here the upstream may bill: a shutdown waits for it (gateway/tasks.py) instead of cancelling.
             await asyncio.shield(spawn(self._execute(entry, job, admission)))
@@ -176,18 +182,24 @@ class Runner:
         """Run an admitted job through the pipeline's upstream stage and keep its result."""
         gw = self.gw
         try:
-            image = validate_image_request(orjson.loads(job.body), gw.settings)
-        except GatewayError as err:  # the config changed since submission (a model disabled)
+            request = await load(self.store, gw.settings, job.route, job.body)
+        except GatewayError as err:
             if gw.limiter is not None:
                 await gw.limiter.release(admission)
+            if isinstance(err, StorageUnavailable) and not isinstance(err, InputsGone):
+                raise  # the store is down: left pending, run again after the visibility timeout
+            # The config changed since submission (a model disabled), or an edit's files expired.
             await self._finish(entry, job, FAILED, error=err.body()["error"])
             return
-        exchange = Exchange(job.id, job.principal(), image, route=job.route, started=time.monotonic(),
-                            started_ms=admission.now_ms)
-        exchange.estimate = estimate(gw.settings.models[image.model], image)
-        exchange.admission = admission
-        key = upstream_idempotency_key(job.user, f"job:{job.id}")
-        status, answer = await run_detached(gw, exchange, job.body, key)
+        try:
+            exchange = Exchange(job.id, job.principal(), request.image, route=job.route, started=time.monotonic(),
+                                started_ms=admission.now_ms)
+            exchange.estimate = estimate(gw.settings.models[request.image.model], request.image)
+            exchange.admission = admission
+            key = upstream_idempotency_key(job.user, f"job:{job.id}")
+            status, answer = await run_detached(gw, exchange, request.body, key, request.path)
+        finally:
+            request.close()
         if 200 <= status < 300:
             result = await store_images(self.store, answer)
             await self._finish(entry, job, SUCCEEDED, result=result)
@@ -200,6 +212,7 @@ class Runner:
                                     result=orjson.dumps(result) if result is not None else None,
                                     error=orjson.dumps(error) if error is not None else None)
         await self.queue.done(entry)
+        await discard(self.store, job.route, job.body)
         self.gw.metrics.jobs.labels(status).inc()
         job.status, job.completed_ms, job.result, job.error = status, done, result, error
         if self.on_finished is not None:

@@ -1,8 +1,9 @@
-"""Submitting a job: ``Prefer: respond-async`` on an image route (SPEC section 10).
+"""Submitting a job: ``Prefer: respond-async`` on generations or edits (SPEC section 10).
 
 The request goes through the pipeline's own stages (authenticate, validate, authorize the model),
 then, instead of the upstream call: its quotas are reserved (a refusal is the usual 429
-``insufficient_quota``, final), and the job is stored and queued; the answer is 202 at once.
+``insufficient_quota``, final), an edit's files go to the image store (``inputs.py``), and the job
+is stored and queued; the answer is 202 at once.
 Per-minute and concurrency limits are not checked here: they pace the job when it runs.
 """
 
@@ -13,7 +14,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.errors import InvalidRequest, ServiceUnavailable, StorageUnavailable
+from gateway.jobs.inputs import discard, keep_edit
 from gateway.jobs.model import Job, new_job_id, now_ms
 from gateway.pipeline.admission import admit, cancel_admission
 from gateway.pipeline.exchange import Exchange
@@ -46,19 +48,25 @@ async def reserve(gw: Gateway, exchange: Exchange) -> Headers:
 
 async def enqueue(gw: Gateway, exchange: Exchange, prepared: Prepared, limit_headers: Headers) -> Any:
     """Store and queue the admitted job; 202 with its ``Location``."""
-    assert gw.jobs is not None and exchange.admission is not None
-    # Only generations submit jobs so far: their body is the validated JSON (an edit's form would be spooled).
-    assert isinstance(prepared.body, bytes)
+    assert gw.jobs is not None and gw.image_store is not None and exchange.admission is not None
     p, image = exchange.principal, exchange.request
+    try:
+        # A generation keeps its validated JSON; an edit keeps a manifest, its files go to the image store.
+        body = prepared.body if isinstance(prepared.body, bytes) else await keep_edit(
+            gw.image_store, exchange.request_id, prepared.body)
+    except StorageUnavailable:
+        await cancel_admission(gw, exchange)
+        raise
     job = Job(id=exchange.request_id, user=p.user, team=p.team, key_id=p.key_id, plan=p.plan, limits=p.limits,
               models=None if p.models is None else tuple(sorted(p.models)), route=exchange.route,
-              body=prepared.body, n=image.n, model=image.model, created_ms=now_ms(),
+              body=body, n=image.n, model=image.model, created_ms=now_ms(),
               day=exchange.admission.day, month=exchange.admission.month)
     try:
         await gw.jobs.submit(job)
     except REDIS_ERRORS as exc:
         gw.metrics.redis_errors.labels("jobs").inc()
         await cancel_admission(gw, exchange)  # the reservation of a job that was never queued
+        await discard(gw.image_store, job.route, job.body)
         raise ServiceUnavailable("The gateway's job store is unavailable; try again shortly.") from exc
     gw.metrics.jobs.labels("submitted").inc()
     gw.metrics.requests.labels(exchange.route, image.model, "202").inc()

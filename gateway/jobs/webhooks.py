@@ -16,7 +16,7 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -26,8 +26,10 @@ from gateway.jobs.model import FINISHED, Job, now_ms
 from gateway.jobs.queue import JobQueue
 from gateway.jobs.results import job_object
 from gateway.jobs.ssrf import GuardedResolver, WebhookRefused, refused_literal
-from gateway.pipeline.gateway import Gateway
 from gateway.redisdb.client import REDIS_ERRORS
+
+if TYPE_CHECKING:  # the CLI's cancel imports this module: no metrics registry (prometheus_client) at import
+    from gateway.pipeline.gateway import Gateway
 
 log = logging.getLogger("gateway.webhooks")
 _BATCH = 32
@@ -45,6 +47,20 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
+async def schedule(keystore: Any, queue: JobQueue, job: Job) -> None:
+    """Schedule the first delivery for a finished (or cancelled) job, if its key has a webhook.
+
+    Any gateway worker's ``Webhooks.run`` sends it: the CLI's cancel schedules too.
+    """
+    hook = None if keystore is None else await keystore.webhook(job.key_id)
+    if hook is None:
+        return
+    state = {"url": hook[0], "status": "pending", "attempts": 0, "last_status": None, "last_error": None,
+             "delivered_at": None}
+    await queue.transition(job.user, job.id, FINISHED, webhook=orjson.dumps(state))
+    await queue.redis.zadd(queue.keys.webhook_due(), {f"{job.user}/{job.id}": now_ms()})
+
+
 class Webhooks:
     """Schedules a finished job's webhook, and sends due attempts until cancelled (``run``)."""
 
@@ -58,13 +74,7 @@ class Webhooks:
 
     async def finished(self, job: Job) -> None:
         """Schedule the first delivery of a finished job whose key has a webhook."""
-        hook = None if self.gw.keystore is None else await self.gw.keystore.webhook(job.key_id)
-        if hook is None:
-            return
-        state = {"url": hook[0], "status": "pending", "attempts": 0, "last_status": None, "last_error": None,
-                 "delivered_at": None}
-        await self.queue.transition(job.user, job.id, FINISHED, webhook=orjson.dumps(state))
-        await self.queue.redis.zadd(self.due_key, {f"{job.user}/{job.id}": now_ms()})
+        await schedule(self.gw.keystore, self.queue, job)
 
     async def run(self) -> None:
         """Send due attempts until cancelled."""

@@ -105,6 +105,7 @@ async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare, *, admit_with:
         limit_headers = await admit_with(gw, exchange)
         if then is not None:  # a job's submission: its 202 is the answer repeats of the key get
             response = await then(gw, exchange, prepared, limit_headers)
+            prepared.release()  # what the job needs of an edit's files is in the image store now
             if ticket is not None:
                 await ticket.conclude(answer_of(response.status_code, response.media_type or "application/json",
                                                 [bytes(response.body)]))
@@ -229,14 +230,15 @@ async def _images_as_urls(gw: Gateway, exchange: Exchange, chunks: list[bytes]) 
     return [orjson.dumps(await images_as_urls(gw.image_store, body))]
 
 
-async def run_detached(gw: Gateway, exchange: Exchange, body: bytes, idempotency_key: str) -> tuple[int, bytes]:
-    """An admitted request no client waits for (a job): call the upstream, read its JSON answer, settle.
+async def run_detached(gw: Gateway, exchange: Exchange, body: bytes | FormBody, idempotency_key: str,
+                       path: str) -> tuple[int, bytes]:
+    """An admitted request no client waits for (a job): POST ``body`` to ``path``, read the JSON answer, settle.
 
     Returns the status and body (the upstream's, or the gateway's own OpenAI-shaped error).
     """
     try:
-        outcome = await _exchange(gw, exchange, lambda: gw.upstream.send(body, {}, exchange.request_id,
-                                                                         idempotency_key=idempotency_key))
+        outcome = await _exchange(gw, exchange, lambda: gw.upstream.send(
+            body, {}, exchange.request_id, idempotency_key=idempotency_key, path=path))
         if isinstance(outcome, UpstreamReply):  # jobs are submitted without stream: true
             outcome.response.release()
             raise UpstreamError(502, "The upstream answered a job with an event stream.")

@@ -45,11 +45,12 @@ class FormBody:
     """Text fields and files as one multipart body of known size."""
 
     def __init__(self, fields: Iterable[tuple[str, str]], files: list[FilePart]) -> None:
+        self.fields = list(fields)
         self.boundary = uuid.uuid4().hex
         self.content_type = f"multipart/form-data; boundary={self.boundary}"
         dash = b"--" + self.boundary.encode()
         head = bytearray()
-        for name, value in fields:
+        for name, value in self.fields:
             head += dash + b'\r\nContent-Disposition: form-data; name="' + _quote(name) + b'"\r\n\r\n'
             head += value.encode() + b"\r\n"
         self._head = bytes(head)

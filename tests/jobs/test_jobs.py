@@ -11,19 +11,18 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
 import redis
 
-from tests.support.procs import Service, start_fake_upstream, start_gateway, wait_until
+from tests.jobs.conftest import UPSTREAM_KEY
+from tests.support.procs import Service, start_gateway, wait_until
 from tests.support.seaweed import S3Store
 
 ALICE = "sk-igw-test_jobs-aaaaaaaaaaaaaaaaaaaa"
 BOB = "sk-igw-test_jobs-bbbbbbbbbbbbbbbbbbbb"
-UPSTREAM_KEY = "tt-jobs-key"
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -33,17 +32,8 @@ def config(plan: dict[str, Any], **jobs: Any) -> dict[str, Any]:
     return {"plans": {"p": plan}, "keys": keys, "jobs": {"visibility_timeout_seconds": 2, **jobs}}
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Service]:
-    svc = start_fake_upstream(UPSTREAM_KEY)
-    yield svc
-    svc.stop()
 
 
-@pytest.fixture
-def upstream(fake: Service) -> Service:
-    httpx.post(fake.url + "/_fake/reset").raise_for_status()
-    return fake
 
 
 def env(fake: Service, redis_url: str, store: S3Store | None) -> dict[str, str]:

@@ -58,3 +58,27 @@ async def test_submit_read_take_over_finish(queue: JobQueue) -> None:
     assert stored is not None and stored.status == IN_PROGRESS and stored.limits.max_concurrent_requests == 2
     assert await queue.get("bob", a.id) is None  # another user's namespace
     assert await queue.owner(a.id) == "alice"
+
+
+async def test_prune_drops_idle_consumers_holding_nothing_and_keeps_the_busy(queue: JobQueue) -> None:
+    a, b = job("alice"), job("alice")
+    await queue.submit(a)
+    await queue.submit(b)
+    finished_by_dead = await queue.read("alice", "dead-runner")  # a runner that finished its job, then ended
+    assert finished_by_dead is not None
+    await queue.done(finished_by_dead)
+    busy = await queue.read("alice", "busy-runner")  # one still working: its entry is pending on it
+    assert busy is not None
+    stream = queue.keys.job_queue("alice")
+
+    async def consumers() -> set[str]:
+        return {c["name"].decode() for c in await queue.redis.xinfo_consumers(stream, "runners")}
+
+    assert await queue.prune("alice", min_idle_ms=3_600_000) == 0  # none idle an hour yet
+    assert await consumers() == {"dead-runner", "busy-runner"}
+    assert await queue.prune("alice", min_idle_ms=0) == 1
+    assert await consumers() == {"busy-runner"}
+    # The busy runner's entry was not lost with the pruning: it is still pending, and can be taken over.
+    taken = await queue.take_over("alice", "another-runner", min_idle_ms=0)
+    assert taken is not None and taken.job_id == busy.job_id
+    assert await queue.prune("nobody", min_idle_ms=0) == 0  # no stream: nothing to do, no error

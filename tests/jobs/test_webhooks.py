@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from tests.jobs.conftest import UPSTREAM_KEY
 from tests.jobs.test_jobs import config, finished, get_job, submit
-from tests.support.procs import Service, start_fake_upstream, start_gateway, wait_until
+from tests.support.procs import Service, start_gateway, wait_until
 from tests.support.seaweed import S3Store
 from tests.support.webhooks import Receiver
 
 ADMIN = "admin-token-for-webhook-tests"
-UPSTREAM_KEY = "tt-jobs-key"
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Service]:
-    svc = start_fake_upstream(UPSTREAM_KEY)
-    yield svc
-    svc.stop()
 
 
 def start(fake: Service, redis_url: str, store: S3Store, **jobs: Any) -> Service:

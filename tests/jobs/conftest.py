@@ -1,0 +1,26 @@
+"""The fake upstream process shared by the job tests of one module, its stats zeroed per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.support.procs import Service, start_fake_upstream
+
+UPSTREAM_KEY = "tt-jobs-key"
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[Service]:
+    svc = start_fake_upstream(UPSTREAM_KEY)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def upstream(fake: Service) -> Service:
+    """The module's fake process with its stats zeroed."""
+    httpx.post(fake.url + "/_fake/reset").raise_for_status()
+    return fake
