@@ -85,16 +85,30 @@ class HeadersTimeout(GatewayError):
     code = "request_timeout"
 
 
-class MetricsUnauthorized(GatewayError):
-    """/metrics without ``Authorization: Bearer $GATEWAY_METRICS_TOKEN`` (when that is set)."""
+class OperatorTokenRefused(GatewayError):
+    """An operator endpoint without its bearer token; the message names the variable that sets it."""
 
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
 
-    def __init__(self) -> None:
-        super().__init__("Incorrect metrics token provided. Use 'Authorization: Bearer <GATEWAY_METRICS_TOKEN>'.",
+    def __init__(self, what: str, variable: str) -> None:
+        super().__init__(f"Incorrect {what} token provided. Use 'Authorization: Bearer <{variable}>'.",
                          headers={"www-authenticate": "Bearer"})
+
+
+class MetricsUnauthorized(OperatorTokenRefused):
+    """/metrics without ``Authorization: Bearer $GATEWAY_METRICS_TOKEN`` (when that is set)."""
+
+    def __init__(self) -> None:
+        super().__init__("metrics", "GATEWAY_METRICS_TOKEN")
+
+
+class AdminUnauthorized(OperatorTokenRefused):
+    """/admin/* without ``Authorization: Bearer $GATEWAY_ADMIN_TOKEN``."""
+
+    def __init__(self) -> None:
+        super().__init__("admin", "GATEWAY_ADMIN_TOKEN")
 
 
 class InvalidApiKey(GatewayError):

@@ -18,21 +18,11 @@ from starlette.routing import Route
 
 from gateway.auth.authenticator import bearer_token, token_matches
 from gateway.auth.keystore import KeyStore, key_object
-from gateway.errors import GatewayError, NotFound, ServiceUnavailable
+from gateway.errors import AdminUnauthorized, NotFound, ServiceUnavailable
 from gateway.http.body import parse_json_object, read_body
 from gateway.http.context import gateway_of
 
 log = logging.getLogger("gateway.admin")
-
-
-class AdminUnauthorized(GatewayError):
-    status = 401
-    type = "invalid_request_error"
-    code = "invalid_api_key"
-
-    def __init__(self) -> None:
-        super().__init__("Incorrect admin token provided. Use 'Authorization: Bearer <GATEWAY_ADMIN_TOKEN>'.",
-                         headers={"www-authenticate": "Bearer"})
 
 
 async def require_admin(request: Request) -> None:

@@ -8,7 +8,6 @@ Exit status: 0 done, 1 unknown key id or Redis unavailable, 2 bad arguments or c
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -17,11 +16,7 @@ from typing import Any
 import yaml
 
 from gateway.auth.keystore import KeyStore, key_object
-from gateway.cli.common import settings_or_report
-from gateway.config import Settings
-from gateway.errors import GatewayError, InvalidRequest
-from gateway.redisdb.client import open_redis
-from gateway.redisdb.keys import RedisKeys
+from gateway.cli.common import command_group, run_against_redis
 
 
 def _limit(text: str) -> tuple[str, Any]:
@@ -35,26 +30,8 @@ def _limit(text: str) -> tuple[str, Any]:
         return name.strip(), value
 
 
-async def _with_store(settings: Settings, action: Callable[[KeyStore], Awaitable[int]]) -> int:
-    client = open_redis(settings.redis)
-    try:
-        return await action(KeyStore(client, RedisKeys(settings.redis.key_prefix), settings))
-    finally:
-        await client.aclose()
-
-
 def _run(args: argparse.Namespace, action: Callable[[KeyStore], Awaitable[int]]) -> int:
-    settings = settings_or_report(args.config)
-    if settings is None:
-        return 2
-    try:
-        return asyncio.run(_with_store(settings, action))
-    except InvalidRequest as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    except GatewayError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
+    return run_against_redis(args, lambda settings, client, keys: action(KeyStore(client, keys, settings)))
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -121,15 +98,8 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``keys create|list|revoke`` to the ``gateway`` command."""
-    keys = subparsers.add_parser("keys", help="create, list and revoke gateway keys (in Redis)")
-    sub = keys.add_subparsers(dest="keys_command", required=True)
-
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
-        return p
-
-    create = add("create", "create a key; prints it once")
+    add = command_group(subparsers, "keys", "create, list and revoke gateway keys (in Redis)")
+    create = add("create", "create a key; prints it once", _create)
     create.add_argument("--user", required=True)
     create.add_argument("--team")
     create.add_argument("--plan", help="a plan of the config (default: default)")
@@ -142,13 +112,10 @@ def register(subparsers: Any) -> None:
     create.add_argument("--model", action="append", metavar="MODEL",
                         help="allow only this model (repeatable); default: the plan's models")
     create.add_argument("--json", action="store_true", help="print the key object as JSON")
-    create.set_defaults(func=_create)
 
-    listing = add("list", "list a user's keys (never the keys themselves)")
+    listing = add("list", "list a user's keys (never the keys themselves)", _list)
     listing.add_argument("--user", required=True)
     listing.add_argument("--json", action="store_true", help='print {"data": [...]} as the admin API does')
-    listing.set_defaults(func=_list)
 
-    revoke = add("revoke", "revoke a key by id; every replica refuses it within 5 s")
+    revoke = add("revoke", "revoke a key by id; every replica refuses it within 5 s", _revoke)
     revoke.add_argument("id", help="the key's id, e.g. key_ab12cd34")
-    revoke.set_defaults(func=_revoke)

@@ -9,18 +9,17 @@ which), 2 bad arguments or config.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import IO, Any, Protocol
 
 from gateway.admin.queries import parse_format, parse_range, parse_user
-from gateway.cli.common import settings_or_report
+from gateway.cli.common import command_group, run_against_redis
 from gateway.config import Settings
 from gateway.errors import InvalidRequest
 from gateway.metering.ledger import export_lines, iter_records, period_totals
-from gateway.redisdb.client import REDIS_ERRORS, open_redis
 from gateway.redisdb.keys import RedisKeys
 
 PROGRESS_EVERY_S = 1.0
@@ -30,6 +29,9 @@ class Sink(Protocol):
     def write(self, data: bytes, /) -> Any: ...
 
     def flush(self) -> None: ...
+
+
+UsageAction = Callable[[Any, RedisKeys, argparse.Namespace, Sink], Awaitable[int]]
 
 
 class OutputError(Exception):
@@ -102,34 +104,25 @@ class Progress:
         self.stream.flush()
 
 
-async def _totals(settings: Settings, args: argparse.Namespace, out: Sink) -> int:
+async def _totals(client: Any, keys: RedisKeys, args: argparse.Namespace, out: Sink) -> int:
     user = parse_user(args.user, required=True)
     assert user is not None
-    client = open_redis(settings.redis)
     try:
-        try:
-            totals = await period_totals(client, RedisKeys(settings.redis.key_prefix), user, args.period)
-        except ValueError:
-            raise InvalidRequest("--period must be a UTC day YYYY-MM-DD or month YYYY-MM.",
-                                 param="period") from None
-    finally:
-        await client.aclose()
+        totals = await period_totals(client, keys, user, args.period)
+    except ValueError:
+        raise InvalidRequest("--period must be a UTC day YYYY-MM-DD or month YYYY-MM.", param="period") from None
     out.write(json.dumps(totals, indent=2).encode() + b"\n")
     return 0
 
 
-async def _export(settings: Settings, args: argparse.Namespace, out: Sink) -> int:
+async def _export(client: Any, keys: RedisKeys, args: argparse.Namespace, out: Sink) -> int:
     start_ms, end_ms = parse_range(args.start, args.end)
     user = parse_user(args.user, required=False)
     fmt = parse_format(args.format)
-    client = open_redis(settings.redis)
     progress = Progress(sys.stderr)
-    try:
-        records = iter_records(client, RedisKeys(settings.redis.key_prefix), start_ms, end_ms, user=user)
-        async for line in export_lines(_counted(records, progress), fmt):
-            out.write(line)
-    finally:
-        await client.aclose()
+    records = iter_records(client, keys, start_ms, end_ms, user=user)
+    async for line in export_lines(_counted(records, progress), fmt):
+        out.write(line)
     progress.done()
     return 0
 
@@ -140,27 +133,22 @@ async def _counted(records: Any, progress: Progress) -> Any:
         yield record
 
 
-def _run(args: argparse.Namespace, action: Any) -> int:
-    """Run ``action(settings, args, out)`` against Redis; the exit status (see the module docstring)."""
-    settings = settings_or_report(args.config)
-    if settings is None:
-        return 2
-    try:
+def _run(args: argparse.Namespace, action: UsageAction) -> int:
+    """Run ``action(client, keys, args, out)`` against Redis; the exit status (see the module docstring)."""
+
+    async def with_output(settings: Settings, client: Any, keys: RedisKeys) -> int:
         out = open_output(getattr(args, "output", None))
         try:
-            code = asyncio.run(action(settings, args, out))
+            code = await action(client, keys, args, out)
             out.flush()
         finally:
             out.close()
-        return int(code)
-    except InvalidRequest as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
+        return code
+
+    try:
+        return run_against_redis(args, with_output)
     except OutputError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except REDIS_ERRORS as exc:
-        print(f"error: Redis unavailable ({type(exc).__name__})", file=sys.stderr)
         return 1
 
 
@@ -174,21 +162,15 @@ def _export_command(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``gateway usage totals|export`` to the ``gateway`` command."""
-    usage = subparsers.add_parser("usage", help="usage totals and record export (billing)")
-    sub = usage.add_subparsers(dest="usage_command", required=True)
-
-    totals = sub.add_parser("totals", help="a user's usage in a UTC day or month (as GET /admin/usage)")
+    add = command_group(subparsers, "usage", "usage totals and record export (billing)")
+    totals = add("totals", "a user's usage in a UTC day or month (as GET /admin/usage)", _totals_command)
     totals.add_argument("--user", required=True)
     totals.add_argument("--period", required=True, help="YYYY-MM-DD (UTC day) or YYYY-MM (UTC month)")
-    totals.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
-    totals.set_defaults(func=_totals_command)
 
-    export = sub.add_parser("export", help="records with from <= time < to (as GET /admin/usage/records)")
+    export = add("export", "records with from <= time < to (as GET /admin/usage/records)", _export_command)
     export.add_argument("--from", dest="start", required=True, help="ISO 8601, e.g. 2026-11-01T00:00:00Z")
     export.add_argument("--to", dest="end", required=True, help="ISO 8601, exclusive")
     export.add_argument("--user", default=None, help="only this user (default: every user)")
     export.add_argument("--format", default="jsonl", choices=("jsonl", "csv"),
                         help="jsonl (default, as the admin API) or csv")
     export.add_argument("--output", default=None, help="file to write (default: stdout)")
-    export.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
-    export.set_defaults(func=_export_command)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from gateway.auth.records import StoredKey
 from gateway.config import Limits, Settings, StaticKey, key_digest
 from gateway.errors import InvalidApiKey
 
@@ -30,28 +31,6 @@ class Principal:
     plan: str
     limits: Limits
     models: frozenset[str] | None  # None: every enabled model
-
-
-@dataclass(frozen=True, slots=True)
-class StoredKey:
-    """A key record as kept in Redis (never the plaintext key)."""
-
-    id: str
-    user: str
-    team: str | None
-    plan: str
-    limits: dict[str, Any]
-    models: tuple[str, ...] | None
-    name: str | None
-    created_at: str
-    expires_at: str | None
-    revoked: bool = False
-    webhook_url: str | None = None  # finished jobs are POSTed here (its signing secret is kept apart)
-
-    def usable(self, now: datetime) -> bool:
-        if self.revoked:
-            return False
-        return self.expires_at is None or datetime.fromisoformat(self.expires_at.replace("Z", "+00:00")) > now
 
 
 class KeyLookup(Protocol):

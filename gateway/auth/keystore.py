@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.auth.authenticator import StoredKey
+from gateway.auth.records import RECORD_FIELDS, SPEC_FIELDS, KeySpec, StoredKey
 from gateway.config import ConfigError, Settings, _limits, _model_list, key_digest
 from gateway.errors import InvalidRequest, MissingParameter, ServiceUnavailable
 from gateway.jobs.ssrf import check_webhook_url
@@ -51,9 +51,6 @@ KEY_PREFIX = "sk-igw-"
 _PREFIX_ALPHABET = string.ascii_lowercase + string.digits
 _PREFIX_LEN = 8
 _NAME_MAX = 200
-_FIELDS = ("user", "team", "plan", "limits", "models", "name", "expires_at", "webhook_url")
-_RECORD = ("id", "user", "team", "plan", "limits", "models", "name", "created_at", "expires_at", "revoked",
-           "webhook_url")
 _ID_ATTEMPTS = 5
 KEY_ID_RE = re.compile(r"^key_[a-z0-9]{8}$")
 
@@ -65,20 +62,6 @@ def utc_now() -> datetime:
 def iso_utc(dt: datetime) -> str:
     """``2026-11-24T12:00:00Z``: whole seconds, UTC."""
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass(frozen=True, slots=True)
-class KeySpec:
-    """A validated request for a new key."""
-
-    user: str
-    team: str | None
-    plan: str
-    limits: dict[str, Any]
-    models: tuple[str, ...] | None
-    name: str | None
-    expires_at: str | None
-    webhook_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +130,9 @@ def _expires_at(value: Any, now: datetime) -> str | None:
 def validate_key_spec(body: Mapping[str, Any], settings: Settings, now: datetime) -> KeySpec:
     """Check a create request with the config file's rules; raises InvalidRequest naming ``param``."""
     for field_name in body:
-        if field_name not in _FIELDS:
+        if field_name not in SPEC_FIELDS:
             raise InvalidRequest(f"Unrecognized request argument supplied: '{field_name}' (allowed: "
-                                 f"{', '.join(_FIELDS)}).", param=str(field_name))
+                                 f"{', '.join(SPEC_FIELDS)}).", param=str(field_name))
     user = _user(body.get("user"))
     team = _name(body.get("team"), "team", required=False)
     plan = body.get("plan", "default")
@@ -179,7 +162,7 @@ def _text(value: Any) -> str:
 
 
 def _encode(record: StoredKey) -> dict[str, str]:
-    return {f: json.dumps(list(v) if isinstance(v := getattr(record, f), tuple) else v) for f in _RECORD}
+    return {f: json.dumps(list(v) if isinstance(v := getattr(record, f), tuple) else v) for f in RECORD_FIELDS}
 
 
 def _decode(raw: Mapping[Any, Any]) -> StoredKey:
@@ -230,9 +213,7 @@ class KeyStore:
                     break
             else:  # 36**8 ids: five collisions in a row means something else is wrong
                 raise ServiceUnavailable("Could not allocate a key id; try again.")
-            record = StoredKey(id=key_id, user=spec.user, team=spec.team, plan=spec.plan, limits=spec.limits,
-                               models=spec.models, name=spec.name, created_at=iso_utc(now),
-                               expires_at=spec.expires_at, webhook_url=spec.webhook_url)
+            record = StoredKey.of(spec, id=key_id, created_at=iso_utc(now))
             fields = _encode(record)
             secret = None
             if spec.webhook_url is not None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from gateway.admin.keys_cli import register as register_keys
 from gateway.admin.usage_cli import register as register_usage
-from gateway.cli.common import settings_or_report
+from gateway.cli.common import add_config_option, settings_or_report
 from gateway.jobs.cli import register as register_jobs
 
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
+    add_config_option(serve)
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=None,
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file without starting")
     check.add_argument("path", nargs="?", help="the YAML config file (or --config)")
-    check.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
+    add_config_option(check)
     check.set_defaults(func=_check_config)
 
     fake = sub.add_parser("fake-upstream", help="a local stand-in for TTAPI (demos, tests, benchmarks)")

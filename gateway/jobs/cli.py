@@ -1,44 +1,34 @@
 """``gateway jobs list|show|cancel``: operators' view of asynchronous jobs, straight against Redis.
 
-Exit status: 0 done, 1 unknown job (or already started, for cancel), 2 bad config.
+Exit status: 0 done, 1 unknown job (or already started, for cancel) or Redis unavailable, 2 bad config.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.auth.keystore import KeyStore
-from gateway.cli.common import settings_or_report
+from gateway.cli.common import command_group, run_against_redis
+from gateway.config import Settings
 from gateway.jobs.control import cancel_job
 from gateway.jobs.queue import JobQueue
 from gateway.limits.limiter import Limiter
-from gateway.redisdb.client import open_redis
 from gateway.redisdb.keys import RedisKeys
 
 Action = Callable[[JobQueue, Limiter, KeyStore], Awaitable[int]]
 
 
 def _run(args: argparse.Namespace, action: Action) -> int:
-    settings = settings_or_report(args.config)
-    if settings is None:
-        return 2
+    def with_queue(settings: Settings, client: Any, keys: RedisKeys) -> Awaitable[int]:
+        queue = JobQueue(client, keys, ttl_seconds=settings.jobs.ttl_seconds)
+        limiter = Limiter(client, keys, lease_ms=int(settings.upstream.timeout_seconds * 1000))
+        return action(queue, limiter, KeyStore(client, keys, settings))
 
-    async def main() -> int:
-        client = open_redis(settings.redis)
-        keys = RedisKeys(settings.redis.key_prefix)
-        try:
-            queue = JobQueue(client, keys, ttl_seconds=settings.jobs.ttl_seconds)
-            limiter = Limiter(client, keys, lease_ms=int(settings.upstream.timeout_seconds * 1000))
-            return await action(queue, limiter, KeyStore(client, keys, settings))
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
+    return run_against_redis(args, with_queue)
 
 
 def _stored(job: Any) -> dict[str, Any]:
@@ -94,22 +84,12 @@ def _cancel(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``jobs list|show|cancel`` to the ``gateway`` command."""
-    jobs = subparsers.add_parser("jobs", help="list, show and cancel asynchronous image jobs (in Redis)")
-    sub = jobs.add_subparsers(dest="jobs_command", required=True)
-
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", default=None, help="YAML config file (default: $GATEWAY_CONFIG)")
-        return p
-
-    listing = add("list", "a user's jobs, newest first")
+    add = command_group(subparsers, "jobs", "list, show and cancel asynchronous image jobs (in Redis)")
+    listing = add("list", "a user's jobs, newest first", _list)
     listing.add_argument("--user", required=True)
     listing.add_argument("--limit", type=int, default=100)
     listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=_list)
-    show = add("show", "one job, by id")
+    show = add("show", "one job, by id", _show)
     show.add_argument("id")
-    show.set_defaults(func=_show)
-    cancel = add("cancel", "cancel a job that has not started (its quota reservation is given back)")
+    cancel = add("cancel", "cancel a job that has not started (its quota reservation is given back)", _cancel)
     cancel.add_argument("id")
-    cancel.set_defaults(func=_cancel)
