@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from gateway.config import Limits
 from gateway.errors import QuotaExceeded, RateLimited
-from gateway.limits.limiter import Limiter, utc_periods
+from gateway.limits.limiter import Limiter, SettledUsage, utc_periods
 from gateway.redisdb.keys import RedisKeys
 
 KEYS = RedisKeys()
@@ -61,3 +61,20 @@ async def test_unknown_mode_is_refused_before_redis(client: Redis) -> None:
     limiter = Limiter(client, KEYS, lease_ms=600_000)
     with pytest.raises(ValueError):
         await admit(limiter, Limits(), "j", "later")
+
+
+async def test_a_rerun_of_a_settled_job_frees_its_slot_and_counts_nothing_twice(client: Redis) -> None:
+    # A job's first run settled, but its result could not be stored: it runs again under the same id.
+    limiter = Limiter(client, KEYS, lease_ms=600_000)
+    limits = Limits(max_concurrent_requests=1)
+    await admit(limiter, limits, "job0", "reserve")
+    first = await limiter.admit(user="alice", limits=limits, request_id="job0", n=1, est_tokens=10,
+                                est_usd_micros=0, now_ms=T0, mode="pace")
+    assert await limiter.settle(first, SettledUsage(images=1, total_tokens=10)) is True
+    again = await limiter.admit(user="alice", limits=limits, request_id="job0", n=1, est_tokens=10,
+                                est_usd_micros=0, now_ms=T0 + 1000, mode="pace")
+    assert await limiter.settle(again, SettledUsage(images=1, total_tokens=10)) is False  # billed once
+    assert await client.zcard(KEYS.inflight("alice")) == 0  # but the re-run's slot is free
+    day = KEYS.day_usage("alice", utc_periods(T0).day)
+    assert int(await client.hget(day, "images")) == 1
+    await admit(limiter, limits, "job1", "pace", now_ms=T0 + 2000)  # the user's next job is not held back

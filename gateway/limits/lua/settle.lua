@@ -14,7 +14,7 @@
 -- ARGV[8]  day key TTL s   ARGV[9] month key TTL s   ARGV[10] marker TTL s
 -- ARGV[11] ledger MAXLEN (trimmed approximately)
 -- ARGV[12..] ledger record as field, value, ... (none: no record appended)
--- returns  1 settled now, 0 already settled (nothing changed)
+-- returns  1 settled now, 0 already settled (nothing changed but the request's lease, freed)
 -- errors   "ERR settle: bad ARGV[i]" (or "... would overflow ...") when an argument is not
 --          an integer in range: raised before the first write, so nothing changed and a retry
 --          with good arguments still settles. Redis does not roll a script back, so every check
@@ -51,10 +51,11 @@ for _, k in ipairs({KEYS[3], KEYS[4]}) do
   end
 end
 
-if not redis.call('SET', KEYS[5], '1', 'NX', 'EX', ARGV[10]) then return 0 end
-
+-- The slot is freed even by a repeat: a job re-run after its first run settled (its result could
+-- not be stored) holds a lease again under the same request id, which only this call frees.
 local rid = ARGV[1]
 redis.call('ZREM', KEYS[1], rid)
+if not redis.call('SET', KEYS[5], '1', 'NX', 'EX', ARGV[10]) then return 0 end
 
 -- Give the reservation back. Only the period keys it was made in are released, as admit does.
 release_reservation(KEYS[2], rid, KEYS[3], KEYS[4])
