@@ -38,7 +38,7 @@ async def delete_job(request: Request) -> Response:
     gw = gateway_of(request)
     try:
         job = await _own_job(gw, request)
-        if gw.jobs is None or not await cancel_job(gw.jobs, gw.limiter, gw.keystore, job):
+        if gw.jobs is None or not await cancel_job(gw.jobs, gw.limiter, gw.keystore, job, gw.image_store):
             raise InvalidRequest(f"The job is {job.status} and can no longer be cancelled.", param="id")
         gw.metrics.jobs.labels("cancelled").inc()
         fresh = await gw.jobs.get(job.user, job.id)

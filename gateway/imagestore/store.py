@@ -182,6 +182,12 @@ class ImageStore:
             await self._client.delete_objects(Bucket=self.bucket,
                                               Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
 
+    async def delete_prefix(self, prefix: str) -> None:
+        """Remove the objects whose keys start with ``prefix`` (the first 1,000: one job's files)."""
+        async with self._call("delete"):
+            answer = await self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        await self.delete([obj["Key"] for obj in answer.get("Contents", [])])
+
     async def presigned_url(self, key: str) -> str:
         """A GET URL for ``key`` that works for ``storage.url_ttl_seconds`` (signed locally, no round trip)."""
         async with self._call("presign"):

@@ -64,6 +64,20 @@ class JobQueue:
         # Again: a runner may have dropped the user between the first ZADD and the entry.
         await self.redis.zadd(k.job_users(), {job.user: job.created_ms}, nx=True)
 
+    async def uploading(self, user: str, job_id: str) -> None:
+        """Note that a submission's files are going to the store (until it is queued: ``uploaded``)."""
+        await self.redis.zadd(self.keys.job_uploads(), {f"{user}/{job_id}": now_ms()})
+
+    async def uploaded(self, user: str, job_id: str) -> None:
+        """The submission's files belong to a job now, or were deleted."""
+        await self.redis.zrem(self.keys.job_uploads(), f"{user}/{job_id}")
+
+    async def stale_uploads(self, older_than_ms: int, most: int = 16) -> list[tuple[str, str]]:
+        """(user, job id) of uploads that began ``older_than_ms`` ago or more and were never marked done."""
+        members = await self.redis.zrangebyscore(self.keys.job_uploads(), 0, now_ms() - older_than_ms,
+                                                 start=0, num=most)
+        return [(user, job_id) for user, _, job_id in (_text(m).partition("/") for m in members)]
+
     async def get(self, user: str, job_id: str) -> Job | None:
         raw = await self.redis.hgetall(self.keys.job(user, job_id))
         return Job.from_hash(raw) if raw else None

@@ -67,6 +67,7 @@ class Runner:
     async def run(self) -> None:
         """Take and start jobs until cancelled; then stop the paced ones (running ones are drained)."""
         renewer = asyncio.create_task(self._renew_forever())
+        collector = asyncio.create_task(self._collect_uploads_forever())
         try:
             while True:
                 try:
@@ -80,6 +81,7 @@ class Runner:
                         await asyncio.wait_for(self._changed.wait(), self.settings.poll_seconds)
         finally:
             renewer.cancel()
+            collector.cancel()
             for task in list(self.tasks):
                 task.cancel()
 
@@ -127,6 +129,21 @@ class Runner:
                 except REDIS_ERRORS:
                     self.gw.metrics.redis_errors.labels("jobs").inc()
 
+    async def _collect_uploads_forever(self) -> None:
+        """Delete the files of edit submissions that never became jobs (the store failed, a worker died)."""
+        grace_ms = int(self.settings.upload_grace_seconds * 1000)
+        while True:
+            await asyncio.sleep(min(max(self.settings.upload_grace_seconds / 4, 0.5), 60.0))
+            try:
+                for user, job_id in await self.queue.stale_uploads(grace_ms):
+                    if await self.queue.get(user, job_id) is None:
+                        await self.store.delete_prefix(f"jobs/{job_id}/")
+                    await self.queue.uploaded(user, job_id)
+            except REDIS_ERRORS:
+                self.gw.metrics.redis_errors.labels("jobs").inc()
+            except StorageUnavailable:
+                pass  # logged by the store; the next round tries again
+
     async def _run(self, entry: Entry) -> None:
         try:
             job = await self.queue.get(entry.user, entry.job_id)
@@ -150,6 +167,9 @@ class Runner:
             await asyncio.shield(spawn(self._execute(entry, job, admission)))
         except asyncio.CancelledError:
             raise
+        except StorageUnavailable:  # logged (without a traceback) by the store; an outage is no bug
+            log.warning("job %s of %s: the image store is unavailable; it runs again after %g s", entry.job_id,
+                        entry.user, self.settings.visibility_timeout_seconds)
         except Exception:
             # Left pending: another runner takes it over after the visibility timeout.
             log.exception("job %s of %s failed in the runner; it will be retried", entry.job_id, entry.user)
@@ -184,10 +204,13 @@ class Runner:
         try:
             request = await load(self.store, gw.settings, job.route, job.body)
         except GatewayError as err:
-            if gw.limiter is not None:
-                await gw.limiter.release(admission)
+            assert gw.limiter is not None
             if isinstance(err, StorageUnavailable) and not isinstance(err, InputsGone):
-                raise  # the store is down: left pending, run again after the visibility timeout
+                # The store is down: left pending, run again after the visibility timeout. Only the slot
+                # pacing took is given back; releasing the admission would settle the job as done.
+                await gw.limiter.drop_lease(job.user, job.id)
+                raise
+            await gw.limiter.release(admission)
             # The config changed since submission (a model disabled), or an edit's files expired.
             await self._finish(entry, job, FAILED, error=err.body()["error"])
             return

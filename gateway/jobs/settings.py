@@ -18,3 +18,4 @@ class JobsSettings:
     webhook_retry_seconds: float = 86_400.0  # non-2xx deliveries are retried with backoff this long
     webhook_first_retry_seconds: float = 5.0  # the first retry's delay; each next one doubles (at most 1 h)
     webhook_timeout_seconds: float = 10.0  # one delivery attempt, connect to last byte
+    upload_grace_seconds: float = 600.0  # an edit's files stored this long ago without a job are deleted

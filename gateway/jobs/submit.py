@@ -9,6 +9,7 @@ Per-minute and concurrency limits are not checked here: they pace the job when i
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from starlette.requests import Request
@@ -22,6 +23,7 @@ from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.gateway import Gateway
 from gateway.pipeline.lifecycle import Headers, Prepared
 from gateway.redisdb.client import REDIS_ERRORS
+from gateway.upstream.form_body import FormBody
 
 JOBS_PATH = "/v1/images/jobs"
 
@@ -46,17 +48,28 @@ async def reserve(gw: Gateway, exchange: Exchange) -> Headers:
     return headers
 
 
+async def _keep_files(gw: Gateway, exchange: Exchange, form: FormBody) -> bytes:
+    """An edit's files to the image store, noted first in Redis: what a failed store or a worker that died
+    mid-upload leaves behind is deleted by a runner after ``jobs.upload_grace_seconds`` (``runner.py``)."""
+    assert gw.jobs is not None and gw.image_store is not None
+    try:
+        await gw.jobs.uploading(exchange.principal.user, exchange.request_id)
+        return await keep_edit(gw.image_store, exchange.request_id, form)
+    except REDIS_ERRORS as exc:
+        gw.metrics.redis_errors.labels("jobs").inc()
+        await cancel_admission(gw, exchange)
+        raise ServiceUnavailable("The gateway's job store is unavailable; try again shortly.") from exc
+    except StorageUnavailable:
+        await cancel_admission(gw, exchange)
+        raise
+
+
 async def enqueue(gw: Gateway, exchange: Exchange, prepared: Prepared, limit_headers: Headers) -> Any:
     """Store and queue the admitted job; 202 with its ``Location``."""
     assert gw.jobs is not None and gw.image_store is not None and exchange.admission is not None
     p, image = exchange.principal, exchange.request
-    try:
-        # A generation keeps its validated JSON; an edit keeps a manifest, its files go to the image store.
-        body = prepared.body if isinstance(prepared.body, bytes) else await keep_edit(
-            gw.image_store, exchange.request_id, prepared.body)
-    except StorageUnavailable:
-        await cancel_admission(gw, exchange)
-        raise
+    # A generation keeps its validated JSON; an edit keeps where its files went in the image store.
+    body = prepared.body if isinstance(prepared.body, bytes) else await _keep_files(gw, exchange, prepared.body)
     job = Job(id=exchange.request_id, user=p.user, team=p.team, key_id=p.key_id, plan=p.plan, limits=p.limits,
               models=None if p.models is None else tuple(sorted(p.models)), route=exchange.route,
               body=body, n=image.n, model=image.model, created_ms=now_ms(),
@@ -68,6 +81,9 @@ async def enqueue(gw: Gateway, exchange: Exchange, prepared: Prepared, limit_hea
         await cancel_admission(gw, exchange)  # the reservation of a job that was never queued
         await discard(gw.image_store, job.route, job.body)
         raise ServiceUnavailable("The gateway's job store is unavailable; try again shortly.") from exc
+    if not isinstance(prepared.body, bytes):
+        with contextlib.suppress(*REDIS_ERRORS):  # left: a runner finds the job and only drops the note
+            await gw.jobs.uploaded(p.user, job.id)
     gw.metrics.jobs.labels("submitted").inc()
     gw.metrics.requests.labels(exchange.route, image.model, "202").inc()
     headers = {"location": f"{JOBS_PATH}/{job.id}",

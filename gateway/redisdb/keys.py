@@ -77,6 +77,10 @@ class RedisKeys:
         """Sorted set: ``user/job_id`` of every job not yet started -> creation ms (queue depth and age)."""
         return f"{self.prefix}jobswaiting"
 
+    def job_uploads(self) -> str:
+        """Sorted set: ``user/job_id`` of edit jobs whose files went to the store -> ms the upload began."""
+        return f"{self.prefix}jobuploads"
+
     def webhook_due(self) -> str:
         """Sorted set: ``user/job_id`` of webhook deliveries -> when the next attempt is due (ms)."""
         return f"{self.prefix}webhooks"

@@ -114,7 +114,7 @@ def test_a_cancelled_edit_job_sends_its_webhook_and_its_files_are_deleted(upstre
             # The first job holds the user's only slot for a few seconds: the second waits, queued.
             first = submit_edit(gw, key, picture("red"), fake='{"latency": 4}').json()["id"]
             second = submit_edit(gw, key, picture("green")).json()["id"]
-            assert job_inputs(s3_store, second) == [f"jobs/{second}/0.png"]
+            assert job_inputs(s3_store, second) == [f"jobs/{second}/0.png", f"jobs/{second}/request.json"]
             cancelled = httpx.delete(f"{gw.url}/v1/images/jobs/{second}", headers={"authorization": f"Bearer {key}"})
             assert cancelled.status_code == 200, cancelled.text
             wait_until(lambda: len(receiver.received) >= 1, "the cancelled job's webhook")
