@@ -104,8 +104,8 @@ def test_a_paused_redis_is_reported_unavailable_then_recovers(
 async def test_an_overloaded_admission_queue_sheds_with_retry_after_and_counts_it(
         fake: Service, pausable_redis: RedisServer, tmp_path: Path) -> None:
     # One pipeline, a queue of 2, and a circuit that will not open during the test: with Redis paused
-    # the first pipeline (one or two admissions, as they arrive) hangs, two more wait, the rest (16 or
-    # 17 of 20) are shed at once.
+    # the first pipeline hangs (with one or two admissions as they arrive, or with none when it was
+    # carrying the first request's settlement), two more wait, the rest (16 to 18 of 20) are shed at once.
     gw = gateway(fake, pausable_redis, tmp_path, {"requests_per_minute": 1000}, pipeline_connections=1,
                  admission_queue=2, admission_wait_seconds=60, health_timeout_seconds=60)
     assert pausable_redis.proc is not None
@@ -119,7 +119,7 @@ async def test_an_overloaded_admission_queue_sheds_with_retry_after_and_counts_i
         results = await pending
         shed = [(h, b) for status, h, b in results if status == 503]
         assert len(shed) == metric(gw.url, 'gateway_admission_shed_total{reason="queue_full"}')
-        assert 16 <= len(shed) <= 17
+        assert 16 <= len(shed) <= 18
         assert all(int(h["Retry-After"]) >= 1 and b"service_unavailable" in b for h, b in shed)
         assert Counter(status for status, _, _ in results)[200] == 20 - len(shed)
     finally:
