@@ -21,6 +21,7 @@ end and filtered on ``time``: the cost of an export grows with the records settl
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import replace
@@ -61,8 +62,20 @@ def usd_text(micros: int) -> str:
 
 
 def iso_ms(ms: int) -> str:
-    """Milliseconds since the epoch as ISO 8601 UTC with milliseconds (``2026-11-24T12:00:00.123Z``)."""
-    return (_EPOCH + timedelta(milliseconds=ms)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """Milliseconds since the epoch as ISO 8601 UTC with milliseconds (``2026-11-24T12:00:00.123Z``).
+
+    Twice per request (the record kept at admission, the one settled): the date is computed once a day.
+    """
+    day, in_day = divmod(ms, 86_400_000)
+    seconds, millis = divmod(in_day, 1000)
+    minutes, second = divmod(seconds, 60)
+    hour, minute = divmod(minutes, 60)
+    return f"{_iso_day(day)}T{hour:02d}:{minute:02d}:{second:02d}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _iso_day(day_index: int) -> str:
+    return f"{_EPOCH + timedelta(days=day_index):%Y-%m-%d}"
 
 
 def parse_iso(text: str) -> int:
