@@ -22,7 +22,7 @@ from gateway.errors import GatewayError
 from gateway.http import system
 from gateway.http.images import create_image, edit_image
 from gateway.http.jobs import delete_job, get_job
-from gateway.http.middleware import RequestIdMiddleware
+from gateway.http.middleware import ImageRoutes, RequestIdMiddleware
 from gateway.jobs.service import run_jobs
 from gateway.jobs.submit import JOBS_PATH
 from gateway.metering.metrics import Metrics
@@ -62,8 +62,10 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     routes: list[BaseRoute] = [*ROUTES, *ADMIN_ROUTES, *USAGE_ROUTES, *CONSOLE_ROUTES]
     # Plain Starlette: FastAPI's extra layers (body-limit, telemetry, exit-stack middleware) cost on
     # every request and serve nothing here (no dependency injection, no OpenAPI docs).
+    # The image routes stay in ROUTES (the router still answers their 405s); ImageRoutes takes their POSTs.
     return Starlette(routes=routes, lifespan=lifespan,
-                     middleware=[Middleware(RequestIdMiddleware, metrics_of=lambda: metrics)],
+                     middleware=[Middleware(RequestIdMiddleware, metrics_of=lambda: metrics),
+                                 Middleware(ImageRoutes, handlers={GENERATIONS: create_image, EDITS: edit_image})],
                      exception_handlers={GatewayError: system.gateway_error, Exception: system.internal_error,
                                          404: system.not_found, 405: system.not_found})
 
