@@ -44,7 +44,8 @@ async def read_upstream(exchange: Exchange, reply: UpstreamReply, timeout_second
                         sink: Callable[[bytes], None] | None = None) -> GatewayError | None:
     """Read the upstream body to its end through ``observer`` (and ``sink``); returns the read error, if any."""
     try:
-        async for chunk in reply.response.content.iter_any():
+        # Chunk by chunk as they arrived: iter_any() would join what is buffered, copying megabytes.
+        async for chunk, _ in reply.response.content.iter_chunks():
             observer.feed(chunk)
             if sink is not None:
                 sink(chunk)
