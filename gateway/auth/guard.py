@@ -94,14 +94,18 @@ class AuthGuard:
         # A Script runs EVALSHA and reloads itself on NoScriptError (a restarted, empty Redis).
         self._script = client.register_script(script) if client is not None and self.enabled else None
 
-    async def guard(self, address: str, attempt: Callable[[], Awaitable[T]], kind: Kind = "key") -> T:
-        """Run ``attempt`` (an authentication); if it answers 401, count it, and refuse it if blocked."""
+    async def guard(self, address: str | Callable[[], str], attempt: Callable[[], Awaitable[T]],
+                    kind: Kind = "key") -> T:
+        """Run ``attempt`` (an authentication); if it answers 401, count it, and refuse it if blocked.
+
+        ``address`` may be a function: worked out only for a failure (a good key costs nothing).
+        """
         try:
             return await attempt()
         except GatewayError as err:
             if err.status != 401 or not self.enabled:
                 raise
-            refusal = await self.failed(address, kind)
+            refusal = await self.failed(address if isinstance(address, str) else address(), kind)
             if refusal is not None:
                 raise refusal from None
             raise
@@ -130,4 +134,4 @@ class AuthGuard:
 
     async def authenticate(self, request: Request, attempt: Callable[[], Awaitable[T]], kind: Kind = "key") -> T:
         """``guard`` for the request's client address."""
-        return await self.guard(client_address(request), attempt, kind)
+        return await self.guard(lambda: client_address(request), attempt, kind)

@@ -309,7 +309,9 @@ def serve_from_args(args: argparse.Namespace) -> int:
         import uvloop
 
         loop = uvloop.new_event_loop()
+    # backlog: like a real upstream (and the gateway), thousands of connections opened at once are queued,
+    # not dropped (aiohttp's default of 128 made a burst's late connects wait for SYN retransmits: 1, 3, 7 s).
     web.run_app(create_app(options_from_args(args)), host=args.host, port=args.port, access_log=None,
-                handler_cancellation=True, shutdown_timeout=1, loop=loop,
+                handler_cancellation=True, shutdown_timeout=1, loop=loop, backlog=4096,
                 print=lambda _: print(f"fake upstream on http://{args.host}:{args.port}", flush=True))
     return 0

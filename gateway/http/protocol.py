@@ -5,6 +5,10 @@
   the first byte of a later request on a kept-alive connection: closed (408 if part of a
   request had arrived). Idle kept-alive connections stay governed by ``keep_alive_seconds``.
 
+Each response's head (status line and headers) is held until the body's first write, or the end of
+the loop tick, and both go out in one ``writelines``: a small JSON answer is one write and one packet,
+not two (``_JoinedHead``).
+
 Bytes are counted as they arrive, before httptools sees them: the parser joins a header
 value's pieces by concatenation until the value ends (quadratic in its size), so a count in
 ``on_header`` would come too late. This subclasses uvicorn internals (``HttpToolsProtocol``'s
@@ -80,6 +84,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._disarm()
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle.transport is self.transport:
+            self.cycle.transport = _JoinedHead(self.transport, self.loop)  # type: ignore[assignment]
 
     def _arm(self) -> None:
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
@@ -112,3 +118,46 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                  b"\r\nconnection: close\r\n\r\n"]
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+
+class _JoinedHead:
+    """A response cycle's view of the connection's transport: its first write (the head) waits for the next.
+
+    uvicorn writes a response's head at ``http.response.start`` and its body at each
+    ``http.response.body``: two syscalls and two packets for a small answer, and the client woken
+    twice. Held here, the head goes out with the first body write in one ``writelines`` (no copy),
+    or on its own at the end of the loop tick (a stream whose first event is not there yet), before
+    a close, and before anything the loop runs next. Everything else is the transport's own.
+    """
+
+    __slots__ = ("_first", "_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._first = True
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.writelines((held, data))
+        elif self._first:
+            self._first = False
+            self._held = data
+            self._loop.call_soon(self._flush)
+        else:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)

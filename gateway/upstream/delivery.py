@@ -5,6 +5,11 @@ that, the connection is aborted (what it never read is discarded, not kept in th
 buffer) and the response's memory is freed. uvicorn gives the ASGI app no handle on its
 transport, so ``ClientLink`` finds it under uvicorn's ``receive`` (a bound method of the
 connection's cycle); under another server the client is only marked gone and the server closes it.
+
+A send that the transport takes at once (nearly all) costs no task: the deadline is a timer
+(``asyncio.timeout``), not ``wait_for``, which wraps every send in a task of its own. A finished
+answer (``ChunksResponse``) has no disconnect watcher either: uvicorn ignores sends to a departed
+client, and only a dropped connection needs to wait for the server to see it go.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ def give_memory_back() -> None:
 class ClientLink:
     """The client's side of one response: sends with a deadline, learns when the client has gone."""
 
-    def __init__(self, send: Send, receive: Receive, timeout_seconds: float, exchange: Any = None) -> None:
+    def __init__(self, send: Send, receive: Receive, timeout_seconds: float, exchange: Any = None, *,
+                 watch: bool = True) -> None:
         self._send = send
         self._receive = receive
         self.timeout_seconds = timeout_seconds
@@ -41,7 +47,8 @@ class ClientLink:
         self.gone = False
         self.dropped = False
         # uvicorn drops sends to a departed client silently: learn of it from receive() instead.
-        self._watcher = asyncio.ensure_future(self._watch_disconnect())
+        # watch=False (a finished answer): nothing to learn early; sends to a departed client are no-ops.
+        self._watcher = asyncio.ensure_future(self._watch_disconnect()) if watch else None
 
     async def _watch_disconnect(self) -> None:
         while (await self._receive())["type"] != "http.disconnect":
@@ -58,7 +65,8 @@ class ClientLink:
         if self.gone:
             return False
         try:
-            await asyncio.wait_for(self._send(message), self.timeout_seconds)
+            async with asyncio.timeout(self.timeout_seconds):
+                await self._send(message)
         except TimeoutError:
             self.drop()
             return False
@@ -84,6 +92,10 @@ class ClientLink:
 
     async def close(self) -> None:
         """Stop watching; after a drop, wait until the server has seen the connection go."""
+        if self.gone and self._watcher is None and self.dropped:
+            self._watcher = asyncio.ensure_future(self._watch_disconnect())
+        if self._watcher is None:
+            return
         if self.gone and not self._watcher.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._watcher), _DISCONNECT_WAIT_SECONDS)
@@ -103,7 +115,7 @@ class ChunksResponse:
         self.send_timeout_seconds = send_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        link = ClientLink(send, receive, self.send_timeout_seconds)
+        link = ClientLink(send, receive, self.send_timeout_seconds, watch=False)
         try:
             if not await link.send({"type": "http.response.start", "status": self.status, "headers": self.headers}):
                 return

@@ -1,8 +1,10 @@
 """Usage observers: read the upstream's bytes on the side, never altering them.
 
 ``JsonUsageScanner`` finds the top-level ``usage`` object and counts ``data`` entries of
-an images response incrementally, jumping over megabytes of base64 in C (``re.search``)
-instead of parsing them. ``SseUsageParser`` splits an SSE stream into events and sums
+an images response incrementally, jumping over megabytes of base64 in C (``bytes.find``)
+instead of parsing them. ``JsonUsage`` uses it only for a body past ``SMALL_JSON`` bytes: a
+smaller one is parsed whole at its end (orjson: ~1 us for a 400-byte answer the scanner
+takes ~28 us over), the same readings either way. ``SseUsageParser`` splits an SSE stream into events and sums
 the usage of ``image_generation.completed`` and ``image_edit.completed`` events.
 """
 
@@ -238,7 +240,7 @@ class SseUsageParser:
             return
         if name and name not in _COMPLETED_NAMES:
             return
-        scanner = JsonUsageScanner(("type", "usage"))
+        scanner = JsonUsage(("type", "usage"))
         scanner.feed(payload)
         kind = scanner.value("type")
         if kind == "error":
@@ -292,7 +294,74 @@ def _loads(payload: bytes) -> Any:
         return None
 
 
-def usage_from_json(scanner: JsonUsageScanner) -> Usage:
+SMALL_JSON = 64 * 1024
+
+
+class JsonUsage:
+    """``JsonUsageScanner``'s readings; a body of at most ``SMALL_JSON`` bytes is parsed whole at its end.
+
+    A body that is not a JSON object (or that orjson refuses) is scanned after all, so the readings
+    are the scanner's whatever the bytes; past ``SMALL_JSON`` the scanner reads it as it arrives.
+    """
+
+    __slots__ = ("_doc", "_held", "_held_size", "_scanner", "wanted")
+
+    def __init__(self, wanted: tuple[str, ...] = ("usage",)) -> None:
+        self.wanted = frozenset(wanted)
+        self._held: list[bytes] | None = []
+        self._held_size = 0
+        self._doc: dict[str, Any] | None = None
+        self._scanner: JsonUsageScanner | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        held = self._held
+        if held is None:
+            assert self._scanner is not None, "fed after its readings were taken"
+            self._scanner.feed(chunk)
+            return
+        held.append(chunk)
+        self._held_size += len(chunk)
+        if self._held_size > SMALL_JSON:
+            self._scan_held()
+
+    def _scan_held(self) -> None:
+        held, self._held = self._held or [], None
+        self._scanner = JsonUsageScanner(tuple(self.wanted))
+        for chunk in held:
+            self._scanner.feed(chunk)
+
+    def _settle(self) -> None:
+        """At the end of the body: parse what is held, or scan it if it is not a JSON object."""
+        if self._held is None:
+            return
+        try:
+            doc = orjson.loads(b"".join(self._held))
+        except orjson.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict):
+            self._held, self._doc = None, doc
+        else:
+            self._scan_held()
+
+    @property
+    def data_items(self) -> int:
+        """Entries of the top-level ``data`` that are objects or arrays (an images answer's images)."""
+        self._settle()
+        if self._doc is None:
+            return self._scanner.data_items if self._scanner is not None else 0
+        data = self._doc.get("data")
+        items = data.values() if isinstance(data, dict) else data if isinstance(data, list) else ()
+        return sum(1 for item in items if isinstance(item, dict | list))
+
+    def value(self, name: str) -> Any:
+        """A wanted top-level value, parsed; None if absent or not JSON."""
+        self._settle()
+        if self._doc is None:
+            return self._scanner.value(name) if self._scanner is not None else None
+        return self._doc.get(name) if name in self.wanted else None
+
+
+def usage_from_json(scanner: JsonUsageScanner | JsonUsage) -> Usage:
     """The usage of a finished non-stream images response."""
     usage = Usage(images=scanner.data_items)
     usage.add_openai(scanner.value("usage"))

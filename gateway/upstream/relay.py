@@ -26,7 +26,7 @@ from gateway.pipeline.exchange import Exchange
 from gateway.tasks import spawn
 from gateway.upstream.client import READ_ERRORS, UpstreamReply, salvage, translate_read_error
 from gateway.upstream.delivery import ClientLink
-from gateway.upstream.observe import JsonUsageScanner, SseUsageParser, usage_from_json
+from gateway.upstream.observe import JsonUsage, SseUsageParser, usage_from_json
 
 Finish = Callable[[Exchange], Awaitable[None]]
 Renew = Callable[[Exchange], Awaitable[None]]  # keeps a running request's lease until cancelled
@@ -44,7 +44,8 @@ async def read_upstream(exchange: Exchange, reply: UpstreamReply, timeout_second
                         sink: Callable[[bytes], None] | None = None) -> GatewayError | None:
     """Read the upstream body to its end through ``observer`` (and ``sink``); returns the read error, if any."""
     try:
-        async for chunk in reply.response.content.iter_any():
+        # Chunk by chunk as they arrived: iter_any() would join what is buffered, copying megabytes.
+        async for chunk, _ in reply.response.content.iter_chunks():
             observer.feed(chunk)
             if sink is not None:
                 sink(chunk)
@@ -80,7 +81,7 @@ def billed_502(message: str) -> UpstreamError:
 async def _read_wrong_type(exchange: Exchange, reply: UpstreamReply, timeout_seconds: float) -> GatewayError:
     """Read a 2xx answer of the wrong type to its end for its usage (the upstream billed it): the error to answer."""
     sse = SseUsageParser() if reply.is_event_stream else None
-    scanner = JsonUsageScanner(("usage",))
+    scanner = JsonUsage(("usage",))
     err = await read_upstream(exchange, reply, timeout_seconds, sse or scanner)
     if err is not None:
         return err
@@ -114,7 +115,7 @@ async def read_json_reply(exchange: Exchange, reply: UpstreamReply, timeout_seco
 
     A body over ``max_bytes`` is read to its end for its usage (billed if it was a 2xx) and is a 502.
     """
-    scanner = JsonUsageScanner(("usage", "error"))
+    scanner = JsonUsage(("usage", "error"))
     body = _BoundedChunks(max_bytes)
     err = await read_upstream(exchange, reply, timeout_seconds, scanner, body.append)
     if err is not None:

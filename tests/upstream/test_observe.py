@@ -5,7 +5,15 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.upstream.observe import USAGE_MAX, JsonUsageScanner, SseUsageParser, Usage, usage_from_json
+from gateway.upstream.observe import (
+    SMALL_JSON,
+    USAGE_MAX,
+    JsonUsage,
+    JsonUsageScanner,
+    SseUsageParser,
+    Usage,
+    usage_from_json,
+)
 
 USAGE = {"input_tokens": 12, "input_tokens_details": {"text_tokens": 9, "image_tokens": 3},
          "output_tokens": 4160, "total_tokens": 4172}
@@ -38,6 +46,32 @@ def test_json_scanner_ignores_usage_inside_strings_and_nested_objects() -> None:
     scanner = JsonUsageScanner()
     scanner.feed(b'{"data": [{"revised_prompt": "a \\"usage\\": {1}"}], "meta": {"usage": {"output_tokens": 5}}}')
     assert usage_from_json(scanner).output_tokens == 0
+
+
+_BODIES = [
+    orjson.dumps({"created": 1, "data": [{"b64_json": "A" * 300}, {"url": "u"}, 3], "usage": USAGE}),
+    orjson.dumps({"data": [{"b64_json": "A" * (SMALL_JSON + 10)}], "usage": USAGE, "error": None}),
+    orjson.dumps({"data": {"a": {"x": 1}, "b": [1], "c": 2}, "error": {"message": "no"}}),
+    orjson.dumps({"error": {"message": "boom", "type": "server_error"}}),
+    b'{"data": [{"b64_json": "q\\\\"}], "usage": {"output_tokens": 18446744073709551616}}',  # 2**64: a float
+    b'{"data": [{}], "usage": {"output_tokens": 3}} trailing',  # not JSON: scanned
+    b'[{"usage": {"output_tokens": 3}}]',  # not an object
+    b"<html>bad gateway</html>",
+    b"",
+]
+
+
+@pytest.mark.parametrize("body", _BODIES)
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 10**9])
+def test_json_usage_reads_what_the_scanner_reads(body: bytes, chunk: int) -> None:
+    # Small bodies are parsed whole, large ones scanned: a client is billed the same either way.
+    wanted = ("usage", "error")
+    fast, scanner = JsonUsage(wanted), JsonUsageScanner(wanted)
+    _feed(fast, body, chunk)
+    _feed(scanner, body, chunk)
+    assert fast.data_items == scanner.data_items
+    assert [fast.value(w) for w in (*wanted, "data")] == [scanner.value(w) for w in (*wanted, "data")]
+    assert usage_from_json(fast) == usage_from_json(scanner)
 
 
 def test_usage_without_details_counts_input_as_text() -> None:
