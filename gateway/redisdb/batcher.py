@@ -151,7 +151,10 @@ class Batcher:
                 try:
                     replies = await self._on_connection(batch)
                 except (RedisConnectionError, RedisTimeoutError):
-                    replies = await self._on_connection(batch)  # once more, on a fresh connection
+                    # A restart or a network cut breaks the held connections too: drop them, and
+                    # send once more on one the pool has just checked (or opened).
+                    await self._drop_idle()
+                    replies = await self._on_connection(batch)
         except asyncio.CancelledError:
             _fail(batch, RedisUnavailable("redis unavailable: circuit opened while waiting for a reply"))
             raise
@@ -194,6 +197,13 @@ class Batcher:
             raise
         self._idle.append(conn)
         return replies
+
+    async def _drop_idle(self) -> None:
+        pool = self.client.connection_pool
+        while self._idle:
+            conn = self._idle.pop()
+            await conn.disconnect()
+            await pool.release(conn)
 
     def _fail_all(self) -> None:
         """The circuit opened: fail what waits and what is in flight (a stopped Redis never answers)."""

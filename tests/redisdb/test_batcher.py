@@ -124,3 +124,20 @@ async def test_pings_slower_than_the_timeout_do_not_trip_while_pipelines_answer(
     answering.cancel()
     assert not await health.check()  # and now nothing answers at all
     assert health.open
+
+
+async def test_calls_after_a_redis_restart_succeed_on_the_first_try(pausable_redis: RedisServer) -> None:
+    """A restart breaks every held connection: the next calls must not fail on the stale ones."""
+    client = open_pipeline_redis(RedisSettings(url=pausable_redis.url, pipeline_connections=4))
+    batcher = Batcher(client, connections=4, max_batch=1)
+    script = client.register_script(INCR)
+    try:
+        # Four batches at once: four connections held by the batcher.
+        await asyncio.gather(*(batcher.run(script, ["n"], [1]) for _ in range(4)))
+        pausable_redis.stop()
+        pausable_redis.start()  # same port, empty (no persistence): every held connection is now dead
+        for i in range(4):  # one at a time: each is a batch of its own
+            assert int(await batcher.run(script, ["n"], [1])) == i + 1
+    finally:
+        await batcher.close()
+        await client.aclose()
