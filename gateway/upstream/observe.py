@@ -243,6 +243,8 @@ class SseUsageParser:
         scanner = JsonUsage(("type", "usage"))
         scanner.feed(payload)
         kind = scanner.value("type")
+        if not isinstance(kind, str):  # an object or array is no known type (and is unhashable)
+            kind = None
         if kind == "error":
             self.error = _loads(payload)
         elif kind in COMPLETED_EVENTS or (name and kind is None):

@@ -106,6 +106,14 @@ def test_sse_parser_reads_events_without_event_lines_and_upstream_errors() -> No
     assert parser.usage.total_tokens == 3 and parser.error == {"error": {"message": "boom"}}
 
 
+def test_sse_parser_survives_a_type_that_is_not_a_string() -> None:
+    """A "type" that is an object or array is no known type: the stream is still read and metered."""
+    parser = SseUsageParser()
+    parser.feed(b'data: {"type": [1], "usage": {"output_tokens": 99}}\n\n')  # no name, no known type
+    parser.feed(b'event: image_generation.completed\ndata: {"type": {"a": 1}, "usage": {"output_tokens": 7}}\n\n')
+    parser.close()
+    assert (parser.events, parser.completed, parser.usage.output_tokens) == (2, 1, 7)
+
 def test_sse_parser_counts_a_final_event_missing_its_blank_line() -> None:
     parser = SseUsageParser()
     parser.feed(b'event: image_generation.completed\ndata: {"usage": {"output_tokens": 7}}')
