@@ -41,9 +41,14 @@ def usable_cores() -> int:
 def prepare_multiprocess_dir(workers: int, separate_port: bool) -> str | None:
     """Set and empty PROMETHEUS_MULTIPROC_DIR (stale files would add dead workers' counts).
 
-    Returns the directory when this process created it (removed at exit). Must run before
-    prometheus_client is imported.
+    One worker and no metrics port: unset instead, whatever the environment says. The one process
+    holds every value, so they stay in memory: a file write per increment cost the worker ~12 us
+    a request (11 writes). Returns the directory when this process created it (removed at exit).
+    Must run before prometheus_client is imported.
     """
+    if workers == 1 and not separate_port:
+        os.environ.pop(MULTIPROC_ENV, None)
+        return None
     path = os.environ.get(MULTIPROC_ENV)
     created = None
     if not path and (workers > 1 or separate_port):

@@ -248,9 +248,8 @@ class Limiter:
                 k.month_usage(user, admission.month), k.settled(user, rid), k.ledger(user)]
         args: list[Any] = [rid, usage.input_text_tokens, usage.input_image_tokens, usage.output_tokens,
                            usage.total_tokens, usage.images, usage.usd_micros,
-                           self.day_ttl_s, self.month_ttl_s, self.settled_ttl_s, self.ledger_maxlen]
-        for field, value in (record or {}).items():
-            args += [field, value]
+                           self.day_ttl_s, self.month_ttl_s, self.settled_ttl_s, self.ledger_maxlen,
+                           _record_json(record)]
         return bool(int(await self.batcher.run(self._settle, keys, args)))
 
     async def cancel(self, *, user: str, request_id: str, n: int, now_ms: int) -> bool:

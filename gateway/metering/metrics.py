@@ -1,8 +1,8 @@
 """Every Prometheus metric of the gateway (SPEC section 7), defined in one place.
 
-With several uvicorn workers ``PROMETHEUS_MULTIPROC_DIR`` is set and /metrics sums the
-workers' files (prometheus-client multiprocess mode; the directory is emptied at start
-by ``gateway serve``).
+With several uvicorn workers (or ``metrics.port``) ``PROMETHEUS_MULTIPROC_DIR`` is set and
+/metrics sums the workers' files (prometheus-client multiprocess mode; the directory is
+emptied at start by ``gateway serve``). One worker keeps its values in memory.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
@@ -600,11 +601,13 @@ async def snapshot(client: Redis) -> dict[bytes, tuple[bytes, bool]]:
     return {k: (await client.dump(k), await client.pttl(k) > 0) async for k in client.scan_iter(match="*")}
 
 
-def settle_call(a: Admission, amounts: list[Any], record: list[str]) -> dict[str, Any]:
+def settle_call(a: Admission, amounts: list[Any], record: list[Any] | bytes) -> dict[str, Any]:
+    """The script's arguments; ``record`` a list (sent as its JSON array) or the raw argument."""
     user, rid = a.user, a.request_id
     keys = [KEYS.inflight(user), KEYS.reservations(user), KEYS.day_usage(user, a.day),
             KEYS.month_usage(user, a.month), KEYS.settled(user, rid), KEYS.ledger(user)]
-    return {"keys": keys, "args": [rid, *amounts, 400 * 86_400, 800 * 86_400, 3 * 86_400, 1000, *record]}
+    raw = record if isinstance(record, bytes) else orjson.dumps(record) if record else b""
+    return {"keys": keys, "args": [rid, *amounts, 400 * 86_400, 800 * 86_400, 3 * 86_400, 1000, raw]}
 
 
 @pytest.mark.parametrize(("amounts", "record"), [
@@ -615,9 +618,12 @@ def settle_call(a: Admission, amounts: list[Any], record: list[str]) -> dict[str
     ([0, 0, 0, "12abc", 1, 0], ["request_id", "a"]),
     ([2**52, 2**52, 0, 5, 1, 0], ["request_id", "a"]),
     ([0, 0, 0, 5, 1, 0], ["request_id", "a", "status"]),  # a field without its value
+    ([0, 0, 0, 5, 1, 0], b'["request_id", "a"'),  # not JSON
+    ([0, 0, 0, 5, 1, 0], b'"request_id"'),  # not an array
+    ([0, 0, 0, 5, 1, 0], ["request_id", "a", "status", 200]),  # a value that is not a string
 ])
 async def test_settle_script_with_a_bad_argument_writes_nothing(redis_url: str, amounts: list[Any],
-                                                              record: list[str]) -> None:
+                                                              record: list[Any] | bytes) -> None:
     client = Redis.from_url(redis_url)
     try:
         limiter = Limiter(client, KEYS, lease_ms=LEASE)

@@ -13,7 +13,8 @@
 --          usd_micros (all 0 for a failed call)
 -- ARGV[8]  day key TTL s   ARGV[9] month key TTL s   ARGV[10] marker TTL s
 -- ARGV[11] ledger MAXLEN (trimmed approximately)
--- ARGV[12..] ledger record as field, value, ... (none: no record appended)
+-- ARGV[12] ledger record: the JSON array [field, value, ...] of strings ('': no record appended);
+--          one argument rather than ~46, which the gateway would pack and Redis parse one by one
 -- returns  1 settled now, 0 already settled (nothing changed but the request's lease, freed)
 -- errors   "ERR settle: bad ARGV[i]" (or "... would overflow ...") when an argument is not
 --          an integer in range: raised before the first write, so nothing changed and a retry
@@ -36,7 +37,20 @@ for i = 8, 11 do
   local bad = count(i, 1)
   if bad then return bad end
 end
-if (#ARGV - 11) % 2 ~= 0 then return redis.error_reply('ERR settle: odd ledger record fields') end
+if #ARGV ~= 12 then return redis.error_reply('ERR settle: expected 12 arguments') end
+local record = nil
+if ARGV[12] ~= '' then
+  local ok, decoded = pcall(cjson.decode, ARGV[12])
+  if not ok or type(decoded) ~= 'table' or #decoded % 2 ~= 0 then
+    return redis.error_reply('ERR settle: bad ledger record (ARGV[12]): not a JSON array of field, value pairs')
+  end
+  for j = 1, #decoded do
+    if type(decoded[j]) ~= 'string' then
+      return redis.error_reply('ERR settle: bad ledger record (ARGV[12]): item ' .. j .. ' is not a string')
+    end
+  end
+  if #decoded > 0 then record = decoded end
+end
 if tonumber(ARGV[2]) + tonumber(ARGV[3]) > MAX then
   return redis.error_reply('ERR settle: bad ARGV[2]')
 end
@@ -73,9 +87,7 @@ for j, k in ipairs({KEYS[3], KEYS[4]}) do
   redis.call('EXPIRE', k, ARGV[7 + j])
 end
 
-if #ARGV > 11 then
-  local record = {}
-  for j = 12, #ARGV do record[#record + 1] = ARGV[j] end
+if record then
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[11], '*', unpack(record))
 end
 return 1
