@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -42,13 +43,15 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_metrics_on_a_separate_port_sum_all_workers(workers: int, redis_url: str, tmp_path: Path) -> None:
-    fake = start_fake_upstream("tt-server")
     port = free_port()
     cfg = {"metrics": {"port": port}, "plans": {"default": {}},
            "keys": [{"user": "dora", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}
-    env = {"TTAPI_API_KEY": "tt-server", "UPSTREAM_BASE_URL": fake.url, "REDIS_URL": redis_url}
-    gw = start_gateway(cfg, {**env, "PROMETHEUS_MULTIPROC_DIR": None}, workers=workers, tmp=tmp_path)
-    try:
+    fake = start_fake_upstream("tt-server")
+    with contextlib.ExitStack() as cleanup:  # a gateway that fails to start must not leave the fake running
+        cleanup.callback(fake.stop)
+        env = {"TTAPI_API_KEY": "tt-server", "UPSTREAM_BASE_URL": fake.url, "REDIS_URL": redis_url}
+        gw = start_gateway(cfg, {**env, "PROMETHEUS_MULTIPROC_DIR": None}, workers=workers, tmp=tmp_path)
+        cleanup.callback(gw.stop)
         for _ in range(6):
             r = httpx.post(gw.url + "/v1/images/generations", json={"prompt": "x", "quality": "low"},
                            headers={"authorization": f"Bearer {KEY}"})
@@ -59,9 +62,6 @@ def test_metrics_on_a_separate_port_sum_all_workers(workers: int, redis_url: str
             in httpx.get(f"http://127.0.0.1:{port}/metrics").text
         off = httpx.get(gw.url + "/metrics")  # kept off the API port
         assert off.status_code == 404 and off.json()["error"]["message"] == "Invalid URL (GET /metrics)"
-    finally:
-        gw.stop()
-        fake.stop()
 
 
 @pytest.mark.parametrize("separate_port", [False, True], ids=["api-port", "metrics-port"])
