@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from gateway.auth.keystore import KeyStore, iso_utc
 from gateway.config import key_digest, parse_settings
 from gateway.redisdb.keys import RedisKeys
-from tests.support.procs import RedisServer, Service, start_fake_upstream, start_gateway
+from tests.support.procs import RedisServer, Service, module_fake_upstream, start_gateway
 from tests.support.redisdump import redis_contents as contents_of
 
 ADMIN_TOKEN = "adm-" + secrets.token_urlsafe(24)
@@ -45,11 +45,7 @@ def env(redis_url: str, upstream: str, admin_token: str = ADMIN_TOKEN) -> dict[s
             "UPSTREAM_BASE_URL": upstream}
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Service]:
-    svc = start_fake_upstream(UPSTREAM_KEY)
-    yield svc
-    svc.stop()
+fake = module_fake_upstream(UPSTREAM_KEY)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,9 @@ import openai
 import pytest
 
 from tests.devtools.test_fake_upstream import KEY, sdk
-from tests.support.procs import Service, start_fake_upstream
+from tests.support.procs import Service, module_fake_upstream
 
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Service]:
-    service = start_fake_upstream(KEY, "--key", "tt-second,tt-third", "--refuse-key", "tt-refused")
-    yield service
-    service.stop()
+fake = module_fake_upstream(KEY, "--key", "tt-second,tt-third", "--refuse-key", "tt-refused")
 
 
 @pytest.fixture

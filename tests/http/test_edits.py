@@ -21,7 +21,13 @@ import pytest
 from PIL import Image
 
 from gateway.devtools.fake_answers import INPUT_IMAGE_TOKENS
-from tests.support.procs import RedisServer, Service, start_fake_upstream, start_gateway, wait_until
+from tests.support.procs import (
+    RedisServer,
+    Service,
+    module_fake_upstream,
+    start_gateway,
+    wait_until,
+)
 
 KEY = "sk-igw-test_edits-0123456789abcdef"
 LIMITED_KEY = "sk-igw-test_edits-limited-key-xyz"
@@ -41,11 +47,7 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Service]:
-    svc = start_fake_upstream(UPSTREAM_KEY)
-    yield svc
-    svc.stop()
+fake = module_fake_upstream(UPSTREAM_KEY)
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
-import pytest
 
 from gateway.devtools.seaweed import SeaweedS3
-from tests.support.procs import RedisServer, Service, start_fake_upstream, start_gateway
+from tests.support.procs import RedisServer, Service, module_fake_upstream, start_gateway
 from tests.support.seaweed import S3Store
 
 KEY = "sk-igw-test_image_urls-0123456789"
@@ -27,11 +25,7 @@ BODY: dict[str, Any] = {"model": "gpt-image-1", "prompt": "a lighthouse kept as 
                         "fake": {"created": 1700000000}}
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Service]:
-    svc = start_fake_upstream(UPSTREAM_KEY)
-    yield svc
-    svc.stop()
+fake = module_fake_upstream(UPSTREAM_KEY)
 
 
 def gateway_with(store_env: dict[str, str], bucket: str, fake: Service, redis: RedisServer, tmp: Path) -> Service:

@@ -21,7 +21,14 @@ import pytest
 
 from gateway.metering.ledger import parse_iso
 from gateway.pipeline.onbehalf import upstream_idempotency_key
-from tests.support.procs import RedisServer, Service, free_port, start_fake_upstream, start_gateway, wait_until
+from tests.support.procs import (
+    RedisServer,
+    Service,
+    free_port,
+    module_fake_upstream,
+    start_gateway,
+    wait_until,
+)
 
 KEY = "sk-igw-test_routes-0123456789abcdef"
 OTHER_KEY = "sk-igw-test_routes-other-key-xyz"
@@ -43,11 +50,7 @@ def config(**extra: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Service]:
-    svc = start_fake_upstream(UPSTREAM_KEY, "--refuse-key", "tt-refused")
-    yield svc
-    svc.stop()
+fake = module_fake_upstream(UPSTREAM_KEY, "--refuse-key", "tt-refused")
 
 
 @pytest.fixture(scope="module")

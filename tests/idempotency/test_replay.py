@@ -24,7 +24,14 @@ import redis
 from PIL import Image
 
 from gateway.pipeline.onbehalf import upstream_idempotency_key
-from tests.support.procs import RedisServer, Service, free_port, start_fake_upstream, start_gateway, wait_until
+from tests.support.procs import (
+    RedisServer,
+    Service,
+    free_port,
+    module_fake_upstream,
+    start_gateway,
+    wait_until,
+)
 
 ALICE, BOB, CAROL, DAVE = (f"sk-igw-idem-{name}-0123456789abcdef" for name in ("alice", "bob", "carol", "dave"))
 UPSTREAM_KEY = "tt-idem-key"
@@ -40,11 +47,7 @@ def config(**extra: Any) -> dict[str, Any]:
             "upstream": {"timeout_seconds": 3}, **extra}  # extra may override upstream
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Service]:
-    svc = start_fake_upstream(UPSTREAM_KEY)
-    yield svc
-    svc.stop()
+fake = module_fake_upstream(UPSTREAM_KEY)
 
 
 def env(fake_url: str, redis_url: str) -> dict[str, str]:

@@ -24,7 +24,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metering.ledger import FIELDS
-from tests.support.procs import RedisServer, Service, start_fake_upstream, start_gateway, wait_until
+from tests.support.procs import (
+    RedisServer,
+    Service,
+    module_fake_upstream,
+    start_gateway,
+    wait_until,
+)
 from tests.support.redisdump import redis_contents
 
 ALICE_KEY = "sk-igw-test_metering-alice-0123456789"
@@ -54,11 +60,7 @@ def config(spool: Path, user_label: bool) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Service]:
-    svc = start_fake_upstream(UPSTREAM_KEY)
-    yield svc
-    svc.stop()
+fake = module_fake_upstream(UPSTREAM_KEY)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,18 +20,14 @@ from gateway.metering.ledger import decode_record
 from gateway.metering.pricing import estimate
 from gateway.pipeline.request import validate_image_request
 from gateway.redisdb.keys import RedisKeys
-from tests.support.procs import Service, start_fake_upstream, start_gateway, wait_until
+from tests.support.procs import Service, module_fake_upstream, start_gateway, wait_until
 
 KEY = "sk-igw-test_sweeper-0123456789abcdef"
 UPSTREAM_KEY = "tt-sweeper-key"
 BODY = {"model": "gpt-image-1", "prompt": "slow", "quality": "low", "size": "1024x1024", "fake": {"hang": True}}
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Service]:
-    svc = start_fake_upstream(UPSTREAM_KEY)
-    yield svc
-    svc.stop()
+fake = module_fake_upstream(UPSTREAM_KEY)
 
 
 def children(pid: int) -> list[int]:

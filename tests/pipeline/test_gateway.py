@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,14 @@ import httpx
 import openai
 import pytest
 
-from tests.support.procs import RedisCluster, RedisServer, Service, start_fake_upstream, start_gateway, wait_until
+from tests.support.procs import (
+    RedisCluster,
+    RedisServer,
+    Service,
+    module_fake_upstream,
+    start_gateway,
+    wait_until,
+)
 
 KEY = "sk-igw-test_service-aaaaaaaaaaaaaaaa"
 KEY2 = "sk-igw-test_service-bbbbbbbbbbbbbbbb"
@@ -29,11 +35,7 @@ def config(plan: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"plans": {"p": plan}, "keys": keys, **extra}
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Service]:
-    svc = start_fake_upstream(UPSTREAM_KEY)
-    yield svc
-    svc.stop()
+fake = module_fake_upstream(UPSTREAM_KEY)
 
 
 def env(fake: Service, redis_url: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis
 import yaml
 
@@ -230,3 +231,15 @@ def running(service: Service) -> Iterator[Service]:
         yield service
     finally:
         service.stop()
+
+
+def module_fake_upstream(key: str, *args: str) -> Any:
+    """A module-scoped pytest fixture: one fake upstream process for the module's tests, stopped after them."""
+
+    @pytest.fixture(scope="module")
+    def fake() -> Iterator[Service]:
+        service = start_fake_upstream(key, *args)
+        yield service
+        service.stop()
+
+    return fake

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from gateway.config import parse_settings
 from gateway.metering.pricing import estimate
 from gateway.pipeline.request import validate_image_request
 from gateway.redisdb.keys import RedisKeys
-from tests.support.procs import Service, start_fake_upstream, start_gateway, wait_until
+from tests.support.procs import Service, module_fake_upstream, start_gateway, wait_until
 
 KEY = "sk-igw-test_delivery-0123456789abcdef"
 UPSTREAM_KEY = "tt-delivery-key"
@@ -34,11 +33,7 @@ def config(**extra: Any) -> dict[str, Any]:
             **extra}
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Service]:
-    svc = start_fake_upstream(UPSTREAM_KEY)
-    yield svc
-    svc.stop()
+fake = module_fake_upstream(UPSTREAM_KEY)
 
 
 def env(fake: Service, redis_url: str) -> dict[str, str]:
