@@ -88,9 +88,12 @@ class UpstreamClient:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.settings.max_connections, limit_per_host=0,
                                              keepalive_timeout=10, ttl_dns_cache=300)
+            # No cookie jar: the one session carries every user's requests, so a cookie the upstream (or a
+            # proxy before it) set on one answer would go out with everyone's next request. Also a lookup less.
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
                                                   auto_decompress=False, read_bufsize=1 << 18,
-                                                  skip_auto_headers=("User-Agent",))
+                                                  skip_auto_headers=("User-Agent",),
+                                                  cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
         if self._session is not None:

@@ -133,3 +133,25 @@ async def test_redirects_are_not_followed_so_the_key_stays_home(upstream: dict[s
         finally:
             await client.close()
     assert upstream["seen"] == []  # the redirect target never saw TT-API-KEY
+
+
+async def test_cookies_the_upstream_sets_are_never_sent_back(upstream: dict[str, Any]) -> None:
+    """One session serves every user: a cookie kept from one answer would ride on everyone's next request."""
+    async def set_cookie(request: web.Request) -> web.StreamResponse:
+        upstream["seen"].append(dict(request.headers))
+        response = web.json_response({"data": []})
+        response.set_cookie("session", "alice-secret", path="/")
+        return response
+
+    async with local_generations_server(set_cookie) as url:
+        # A host name, as real upstreams have: aiohttp's default jar keeps no cookies of IP addresses.
+        client = await _client(url.replace("127.0.0.1", "localhost"), ("good",))
+        try:
+            for _ in range(2):
+                reply = await client.send(b"{}", {}, "r")
+                assert reply.response.status == 200
+                reply.response.release()
+        finally:
+            await client.close()
+    assert len(upstream["seen"]) == 2
+    assert all("cookie" not in {k.lower() for k in headers} for headers in upstream["seen"])
