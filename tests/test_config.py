@@ -73,6 +73,7 @@ def test_bad_server_environment_names_the_variable(env: dict[str, str], reason: 
     ({"keys": [{"user": "u", "sha256": "a" * 64}, {"user": "v", "sha256": "A" * 64}]}, "keys[1].sha256",
      "duplicates"),
     ({"server": {"max_header_bytes": 0}}, "server.max_header_bytes", "> 0"),
+    ({"server": {"intake_concurrency": 0}}, "server.intake_concurrency", "> 0"),
     ({"server": {"header_timeout_seconds": "30s"}}, "server.header_timeout_seconds", "must be a number"),
     ({"surprise": 1}, "surprise", "unknown key"),
     ({"max_edit_body_bytes": 10}, "max_edit_body_bytes", ">= 1024"),

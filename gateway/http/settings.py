@@ -18,3 +18,4 @@ class ServerSettings:
     header_timeout_seconds: float = 30.0  # to send complete headers; beyond it the connection is closed
     keep_alive_seconds: float = 75.0  # idle keep-alive; longer than a proxy's (60 s), so it closes first
     send_timeout_seconds: float = 60.0  # a client that takes none of a response's bytes this long is dropped
+    intake_concurrency: int = 64  # requests between admission and the upstream send at once (pipeline/intake.py)

@@ -21,6 +21,25 @@ log = logging.getLogger("gateway.admission")
 RETRY_AFTER = "1"  # seconds, on a 503 from shedding or an unavailable Redis
 
 
+async def enter_intake(gw: Gateway, exchange: Exchange) -> None:
+    """Take the request's place in the intake (pipeline/intake.py); 503 with ``retry-after`` when shed.
+
+    Waiting here and then for a Redis pipeline share one budget, ``redis.admission_wait_seconds``,
+    and each queue holds at most ``redis.admission_queue``.
+    """
+    exchange.admission_deadline = time.monotonic() + gw.settings.redis.admission_wait_seconds
+    try:
+        exchange.intake = await gw.intake.enter(exchange.admission_deadline)
+    except Shed as exc:
+        raise _shed(gw, exc) from exc
+
+
+def _shed(gw: Gateway, exc: Shed) -> ServiceUnavailable:
+    """Deliberate load shedding: counted, answered 503; never sent to Redis, so nothing to undo."""
+    gw.metrics.admission_shed.labels(exc.reason).inc()
+    return ServiceUnavailable("The gateway is overloaded; try again shortly.", headers={"retry-after": RETRY_AFTER})
+
+
 async def admit(gw: Gateway, exchange: Exchange, mode: str = "all") -> list[tuple[bytes, bytes]]:
     """Reserve the request's limits in one Redis round trip; returns the x-ratelimit headers.
 
@@ -37,12 +56,9 @@ async def admit(gw: Gateway, exchange: Exchange, mode: str = "all") -> list[tupl
             est_tokens=exchange.estimate.tokens, est_usd_micros=exchange.estimate.usd_micros,
             now_ms=exchange.started_ms, mode=mode,
             record=unsettled_record(exchange, exchange.estimate.tokens, exchange.estimate.usd_micros),
-            queue_deadline=time.monotonic() + gw.settings.redis.admission_wait_seconds)
+            queue_deadline=exchange.admission_deadline or time.monotonic() + gw.settings.redis.admission_wait_seconds)
     except Shed as exc:
-        # Deliberate load shedding: never sent to Redis, so there is nothing to undo.
-        gw.metrics.admission_shed.labels(exc.reason).inc()
-        raise ServiceUnavailable("The gateway is overloaded; try again shortly.",
-                                 headers={"retry-after": RETRY_AFTER}) from exc
+        raise _shed(gw, exc) from exc
     except REDIS_ERRORS as exc:
         gw.metrics.redis_errors.labels("admit").inc()
         if gw.settings.redis.on_unavailable == "allow":

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from gateway.auth.authenticator import Principal
 from gateway.limits.limiter import Admission
 from gateway.metering.pricing import Estimate
+from gateway.pipeline.intake import Slot
 from gateway.pipeline.request import GENERATIONS, ImageRequest
 from gateway.upstream.observe import Usage
 
@@ -34,6 +35,14 @@ class Exchange:
     incomplete: bool = False  # a stream ended without its completed event
     client_gone: bool = False
     ticket: Ticket | None = None  # its Idempotency-Key claim: the answer is kept there, or the key released
+    intake: Slot | None = None  # its place in the intake (pipeline/intake.py) until its body is sent upstream
+    admission_deadline: float | None = None  # monotonic: shed if admission has not begun by then
+
+    def leave_intake(self) -> None:
+        """Give up the intake slot (at once after the body went upstream, or on the way out); idempotent."""
+        slot, self.intake = self.intake, None
+        if slot is not None:
+            slot.release()
 
     @property
     def ok(self) -> bool:

@@ -22,6 +22,7 @@ from gateway.metering.meter import Meter
 from gateway.metering.metrics import Metrics
 from gateway.metering.settle_queue import SettleQueue, Spool
 from gateway.metering.sweeper import LeaseSweeper
+from gateway.pipeline.intake import Intake
 from gateway.redisdb.batcher import Batcher
 from gateway.redisdb.client import REDIS_ERRORS, open_pipeline_redis, open_redis
 from gateway.redisdb.health import Health
@@ -55,6 +56,8 @@ class Gateway:
         self.pipeline_redis = pipeline_redis  # the batcher's client, when it is not ``redis``
         self.idempotency = idempotency  # None: Idempotency-Key is not honoured (no Redis)
         self.sweeper = sweeper
+        # Requests between admission and the upstream send: a few at a time, in arrival order.
+        self.intake = Intake(settings.server.intake_concurrency, settings.redis.admission_queue)
 
     async def authenticate(self, request: Request) -> Principal:
         """The caller's Principal; failures count toward the brute-force guard (a good key costs nothing)."""

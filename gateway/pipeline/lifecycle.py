@@ -29,7 +29,7 @@ from gateway.idempotency.fingerprint import body_fingerprint
 from gateway.idempotency.header import idempotency_key
 from gateway.idempotency.service import Ticket
 from gateway.imagestore.responses import images_as_urls
-from gateway.pipeline.admission import admit, keep_lease
+from gateway.pipeline.admission import admit, enter_intake, keep_lease
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.gateway import Gateway
 from gateway.pipeline.onbehalf import upstream_idempotency_key
@@ -86,6 +86,7 @@ async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare, *, admit_with:
     principal = None
     prepared: Prepared | None = None
     ticket: Ticket | None = None
+    exchange: Exchange | None = None
     try:
         principal = await gw.authenticate(arrival.request)
         key = idempotency_key(arrival.request.headers)
@@ -102,6 +103,8 @@ async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare, *, admit_with:
                 return ticket.replay
         exchange = Exchange(rid, principal, image, route=arrival.route, started=arrival.received,
                             started_ms=arrival.received_ms, ticket=ticket)
+        if then is None:  # on its way upstream: through the intake (a job's submission is not)
+            await enter_intake(gw, exchange)
         limit_headers = await admit_with(gw, exchange)
         if then is not None:  # a job's submission: its 202 is the answer repeats of the key get
             response = await then(gw, exchange, prepared, limit_headers)
@@ -111,12 +114,18 @@ async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare, *, admit_with:
                                                 [bytes(response.body)]))
             return response
     except GatewayError as err:
+        if exchange is not None:
+            exchange.leave_intake()
         if prepared is not None:
             prepared.release()
         if ticket is not None:
             await ticket.release()  # refused before the upstream: the key can be used again
         gw.meter.refused(arrival.route, model_label, err, principal)
         return err.to_response(rid)
+    except BaseException:
+        if exchange is not None:
+            exchange.leave_intake()
+        raise
     return await call_upstream(gw, exchange, prepared, arrival.request, limit_headers)
 
 
@@ -187,8 +196,9 @@ async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: 
         async def send() -> UpstreamReply:
             try:
                 return await gw.upstream.send(prepared.body, request.headers, rid, idempotency_key=idempotency_key,
-                                              path=prepared.path)
+                                              path=prepared.path, on_sent=exchange.leave_intake)
             finally:
+                exchange.leave_intake()
                 prepared.release()
 
         outcome = await _exchange(gw, exchange, send)
@@ -216,6 +226,8 @@ async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: 
         if exchange.ticket is not None:
             await exchange.ticket.release()
         raise
+    finally:
+        exchange.leave_intake()  # normally gone already, with the body sent
     await gw.meter.finish(exchange)
     if exchange.ticket is not None:
         await exchange.ticket.conclude(kept)
