@@ -1,15 +1,16 @@
-"""The intake: requests go from admission to the upstream in arrival order, a few at a time.
+"""The intake: requests go through admission to the upstream call in arrival order, a few at a time.
 
 An asyncio worker runs every ready request one step at a time, in turn. When thousands
 arrive together, each of them takes a step (read, authenticate, admit, connect upstream,
 send), goes to the back of the line, and waits for all the others to take theirs: they
 advance in lockstep, and the median request reaches the upstream only when nearly the whole
 burst has done its intake work. Behind this gate at most ``limit`` requests are between
-admission and the upstream; the rest wait in arrival order. The first half of a burst then
-reaches the upstream after about half of the burst's intake work: with 5,000 requests sent
-at once, the median answer came 2.8-2.9 s after direct instead of 4.7-5.9 s (bench/RESULTS.md).
-Steady traffic never waits here: a request holds its slot for its admission and the send of
-its body (milliseconds), not for the upstream's answer.
+entering it (before admission) and their upstream call; the rest wait in arrival order. The
+first half of a burst then reaches the upstream after about half of the burst's intake work:
+with 5,000 requests sent at once, the median answer came +3.0 to +4.1 s after direct instead
+of +4.6 to +7.1 s on the same (busy) machine (bench/RESULTS.md). A slot is held for the
+admission's CPU and Redis round trip, never for network waits towards the upstream (connect,
+TLS, upload) nor its answer: steady traffic does not wait here.
 
 Contract of ``Intake``:
 

@@ -194,11 +194,13 @@ async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: 
         if idempotency_key is not None:
             idempotency_key = upstream_idempotency_key(exchange.principal.user, idempotency_key)
         async def send() -> UpstreamReply:
+            # Out of the intake before the call: connecting (TLS to a remote upstream: round trips) and an
+            # edit's upload are waits on the network, which a slot held meanwhile would turn into a queue.
+            exchange.leave_intake()
             try:
                 return await gw.upstream.send(prepared.body, request.headers, rid, idempotency_key=idempotency_key,
-                                              path=prepared.path, on_sent=exchange.leave_intake)
+                                              path=prepared.path)
             finally:
-                exchange.leave_intake()
                 prepared.release()
 
         outcome = await _exchange(gw, exchange, send)
@@ -227,7 +229,7 @@ async def forward(gw: Gateway, exchange: Exchange, prepared: Prepared, request: 
             await exchange.ticket.release()
         raise
     finally:
-        exchange.leave_intake()  # normally gone already, with the body sent
+        exchange.leave_intake()  # normally gone already, before the upstream call
     await gw.meter.finish(exchange)
     if exchange.ticket is not None:
         await exchange.ticket.conclude(kept)

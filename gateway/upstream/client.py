@@ -101,13 +101,8 @@ class UpstreamClient:
             self._session = None
 
     async def send(self, body: bytes | FormBody, client_headers: Mapping[str, str], request_id: str, *,
-                   idempotency_key: str | None = None, path: str = GENERATIONS_PATH,
-                   on_sent: Callable[[], None] | None = None) -> UpstreamReply:
-        """POST ``body`` (the validated request as JSON, or an edit's form) to ``path``; next key on 401/403.
-
-        ``on_sent`` is called once a JSON body has been handed to the connection (before the answer), and
-        before an edit's form goes (its upload may take long); the caller calls it again afterwards.
-        """
+                   idempotency_key: str | None = None, path: str = GENERATIONS_PATH) -> UpstreamReply:
+        """POST ``body`` (the validated request as JSON, or an edit's form) to ``path``; next key on 401/403."""
         assert self._session is not None, "UpstreamClient.start() not called"
         headers = {name: client_headers[name] for name in FORWARDED_HEADERS if name in client_headers}
         headers["content-type"] = "application/json"
@@ -121,18 +116,12 @@ class UpstreamClient:
         order = self.pool.order()
         if not order:
             raise UpstreamAuthFailed("The gateway has no upstream key configured (TTAPI_API_KEY).")
-        json_body: bytes | _SentNotice = b""
-        if isinstance(body, FormBody):
-            if on_sent is not None:
-                on_sent()
-        else:
-            json_body = body if on_sent is None else _SentNotice(body, on_sent)
         for index in order:
             headers["tt-api-key"] = self.pool.key(index)
             started = time.monotonic()
             try:
                 # Never follow redirects: aiohttp would carry TT-API-KEY to whatever host they name.
-                data = body.payload() if isinstance(body, FormBody) else json_body
+                data = body.payload() if isinstance(body, FormBody) else body
                 response = await self._session.post(self.base_url + path, data=data, headers=headers,
                                                     allow_redirects=False)
             except aiohttp.ConnectionTimeoutError as exc:
@@ -152,20 +141,6 @@ class UpstreamClient:
                                           "check upstream.base_url.")
             return UpstreamReply(response, started)
         raise UpstreamAuthFailed("The upstream refused the gateway's credentials.")
-
-
-class _SentNotice(aiohttp.BytesPayload):
-    """A JSON body that says when aiohttp has handed it to the connection (``Payload.write_with_length``)."""
-
-    def __init__(self, value: bytes, on_sent: Callable[[], None]) -> None:
-        super().__init__(value, content_type="application/json")
-        self._on_sent = on_sent
-
-    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        try:
-            await super().write_with_length(writer, content_length)
-        finally:
-            self._on_sent()
 
 
 def translate_read_error(exc: BaseException, timeout_seconds: float) -> UpstreamTimeout | UpstreamUnavailable:

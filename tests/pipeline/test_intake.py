@@ -98,14 +98,14 @@ def one_at_a_time(plan: dict[str, object], **redis: object) -> dict[str, object]
                   redis={"admission_wait_seconds": 3, "health_timeout_seconds": 60, **redis})
 
 
-def test_a_request_leaves_the_intake_once_its_body_is_sent_not_when_answered(
+def test_a_request_leaves_the_intake_before_its_upstream_call_not_when_answered(
         fake: Service, redis_url: str, tmp_path: Path) -> None:
     gw = start_gateway(one_at_a_time({"requests_per_minute": 1000}), env(fake, redis_url), tmp=tmp_path)
     httpx.post(fake.url + "/_fake/reset")
     try:
         with ThreadPoolExecutor(4) as pool:
             held = [pool.submit(post, gw.url, KEY, fake={"gate": "four"}) for _ in range(4)]
-            # All four reach the upstream while none is answered: each left the one-slot intake once sent.
+            # All four reach the upstream while none is answered: each left the one-slot intake before its call.
             wait_until(lambda: httpx.get(fake.url + "/_fake/stats").json()["requests"] == 4, "four upstream")
             httpx.post(fake.url + "/_fake/gates/four")
             assert [f.result().status_code for f in held] == [200] * 4
