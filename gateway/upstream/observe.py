@@ -107,6 +107,16 @@ class JsonUsageScanner:
                     continue
                 # memchr-speed jumps over megabytes of base64 (no quotes, no backslashes in it)
                 quote = chunk.find(b'"', i)
+                if self._key_parts is None:
+                    # A value's string: one pass when no backslash is next to where it stops. The first
+                    # quote not preceded by one ends it (earlier backslashes escaped other characters), and
+                    # a chunk that does not end with one leaves no escape pending.
+                    if quote == i or (quote > i and chunk[quote - 1] != 0x5C):
+                        self._in_string = False
+                        i = quote + 1
+                        continue
+                    if quote < 0 and chunk[end - 1] != 0x5C:
+                        break
                 stop = end if quote < 0 else quote
                 j = chunk.find(b"\\", i, stop)
                 if j < 0:

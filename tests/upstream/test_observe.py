@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+from typing import Any
+
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.upstream.observe import (
     SMALL_JSON,
@@ -166,3 +172,32 @@ def test_sse_parser_never_counts_a_truncated_final_event() -> None:
     parser.feed(whole + cut[:cut.index(b"data:")] + b'data: {"type": "image_generation.completed"}')
     parser.close(clean=False)  # whole, but the connection failed: not known to be complete
     assert parser.completed == 1
+
+
+_JSON_TEXT = st.lists(st.sampled_from(['"', "\\", "\\", "a", "/", "{", "}", "[", "]", ",", ":", " ", "\n", "é",
+                                        "\u2028", "\x00", "usage", "data"]), max_size=8).map("".join)
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | _JSON_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_JSON_TEXT, inner, max_size=4), max_leaves=12)
+_TOP_KEYS = st.sampled_from(["usage", "error", "data", "created", "u\\sage", 'd"ata', "x"]) | _JSON_TEXT
+
+
+def _containers_in(data: Any) -> int:
+    items = data.values() if isinstance(data, dict) else data if isinstance(data, list) else []
+    return sum(isinstance(item, dict | list) for item in items)
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=st.dictionaries(_TOP_KEYS, _JSON_VALUES, max_size=6), cuts=st.lists(st.integers(0, 400), max_size=8),
+       ascii_only=st.booleans(), spaced=st.booleans())
+def test_json_scanner_reads_any_object_at_any_chunking(doc: dict[str, Any], cuts: list[int], ascii_only: bool,
+                                                      spaced: bool) -> None:
+    """Strings full of quotes and backslashes, cut anywhere: the scanner reads what a parser reads."""
+    body = json.dumps(doc, ensure_ascii=ascii_only, indent=1 if spaced else None).encode()
+    bounds = sorted({0, len(body), *(c % (len(body) + 1) for c in cuts)})
+    scanner = JsonUsageScanner(("usage", "error"))
+    for start, stop in itertools.pairwise(bounds):
+        scanner.feed(body[start:stop])
+    assert not scanner.broken
+    assert scanner.value("usage") == doc.get("usage") and scanner.value("error") == doc.get("error")
+    assert scanner.data_items == _containers_in(doc.get("data"))
