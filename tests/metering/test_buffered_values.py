@@ -8,6 +8,8 @@ what ``MultiProcessValue`` writes for the same operations.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.metering.buffered_values import MULTIPROC_ENV, buffered_value_class
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def exercise(cls: Any, directory: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
@@ -109,3 +113,42 @@ def test_metrics_take_their_value_class_when_a_child_is_created(tmp_path: Path,
     assert isinstance(m["inflight"].labels("/c")._value, cls)
     child = m["duration"].labels("/c")
     assert isinstance(child._sum, cls) and all(isinstance(b, cls) for b in child._buckets)
+
+
+SCRIPT = """
+import os, sys
+from prometheus_client import values
+from gateway.metering import buffered_values
+from gateway.metering.metrics import Metrics
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    print(values.ValueClass is values.MutexValue, buffered_values.flush())
+    sys.exit()
+m = Metrics()
+requests = m.requests.labels("/v1/images/generations", "gpt-image-1", "200")
+requests.inc(3)  # not flushed before the fork: the child must not write it
+pid = os.fork()
+if pid == 0:
+    requests.inc()
+    buffered_values.flush()
+    os._exit(0)
+os.waitpid(pid, 0)
+buffered_values.flush()
+print(type(requests._value).__name__, os.getpid(), pid)
+"""
+
+
+def test_installed_on_import_only_in_multiprocess_mode_and_a_forked_child_counts_apart(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}
+    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=60, check=True)
+    assert run.stdout.split() == ["True", "0"]  # one worker: prometheus-client's own in-memory values
+    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=ROOT,
+                         env={**env, MULTIPROC_ENV: str(tmp_path)}, timeout=60, check=True)
+    name, parent, child = run.stdout.split()
+    assert name == "BufferedValue"
+    key = mmap_key("gateway_requests", "gateway_requests_total",
+                   ("route", "model", "status"), ("/v1/images/generations", "gpt-image-1", "200"),
+                   "Requests answered, by route, model and HTTP status.")
+    for pid, count in ((parent, 3.0), (child, 1.0)):
+        found = {k: v for k, v, _, _ in MmapedDict.read_all_values_from_file(str(tmp_path / f"counter_{pid}.db"))}
+        assert found[key] == count
