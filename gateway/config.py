@@ -30,6 +30,7 @@ from gateway.validators import ConfigError as ConfigError  # re-exported: the co
 
 DEFAULT_MODELS = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1", "dall-e-2", "dall-e-3")
 FAMILIES = ("gpt-image", "dall-e-2", "dall-e-3")
+MAX_FLUSH_SECONDS = 60  # metrics.flush_seconds: longer and /metrics lags the workers by more than a scrape
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -134,6 +135,7 @@ class RedisSettings:
 class MetricsSettings:
     user_label: bool = True
     port: int | None = None  # /metrics only on this port (not the API's); None: on the API port
+    flush_seconds: float = 1.0  # several workers: each writes its values to its metrics files this often
 
 
 @dataclass(frozen=True)
@@ -324,11 +326,14 @@ def parse_settings(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None 
     usage = _section(UsageSettings, raw.get("usage"), "usage")
     if not usage.spool_path:
         usage = replace(usage, spool_path=default_spool_path(env))
+    metrics = _section(MetricsSettings, raw.get("metrics"), "metrics")
+    if metrics.flush_seconds > MAX_FLUSH_SECONDS:
+        raise ConfigError("metrics.flush_seconds", f"must be <= {MAX_FLUSH_SECONDS}, got {metrics.flush_seconds!r}")
     max_body = check_number(raw.get("max_body_bytes", 1024 * 1024), "max_body_bytes", integer=True, minimum=1024)
     return Settings(
         upstream=upstream,
         redis=redis,
-        metrics=_section(MetricsSettings, raw.get("metrics"), "metrics"),
+        metrics=metrics,
         auth=_section(AuthSettings, raw.get("auth"), "auth"),
         usage=usage,
         storage=_storage(raw.get("storage"), env),

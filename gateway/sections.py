@@ -41,7 +41,7 @@ _POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "s
              "admission_queue", "admission_wait_seconds", "workers",
              "max_header_bytes", "header_timeout_seconds", "keep_alive_seconds", "ttl_seconds", "concurrency",
              "visibility_timeout_seconds", "poll_seconds", "max_response_bytes", "send_timeout_seconds",
-             "sweep_interval_seconds", "intake_concurrency"}
+             "sweep_interval_seconds", "intake_concurrency", "flush_seconds"}
 
 
 def section(cls: type, raw: Any, key: str, env: Mapping[str, str] | None = None) -> Any:

@@ -55,6 +55,9 @@ def test_bad_server_environment_names_the_variable(env: dict[str, str], reason: 
     ({"redis": {"on_unavailable": "maybe"}}, "redis.on_unavailable", "'reject' or 'allow'"),
     ({"redis": {"url": "http://x"}}, "redis.url", "redis://"),
     ({"metrics": {"user_label": "no"}}, "metrics.user_label", "true or false"),
+    ({"metrics": {"flush_seconds": 0}}, "metrics.flush_seconds", "must be > 0"),
+    ({"metrics": {"flush_seconds": 61}}, "metrics.flush_seconds", "must be <= 60, got 61"),
+    ({"metrics": {"flush_seconds": "1s"}}, "metrics.flush_seconds", "must be a number"),
     ({"default_model": "gpt-4o"}, "default_model", "not enabled"),
     ({"models": {"x": {"family": "flux"}}}, "models.x.family", "must be one of"),
     ({"plans": {"p": {"requests_per_minut": 1}}}, "plans.p.requests_per_minut", "unknown key"),
@@ -84,6 +87,12 @@ def test_bad_config_names_the_key_and_the_reason(raw: dict[str, object], key: st
     with pytest.raises(ConfigError) as info:
         parse_settings(raw, env={})
     assert info.value.key == key and reason in str(info.value)
+
+
+def test_metrics_flush_seconds_defaults_to_one_and_goes_up_to_a_minute() -> None:
+    assert parse_settings({}, env={}).metrics.flush_seconds == 1.0
+    for seconds in (0.25, 60):
+        assert parse_settings({"metrics": {"flush_seconds": seconds}}, env={}).metrics.flush_seconds == seconds
 
 
 def test_unreadable_or_invalid_yaml_file(tmp_path: Path) -> None:

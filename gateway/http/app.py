@@ -26,6 +26,7 @@ from gateway.http.jobs import delete_job, get_job
 from gateway.http.middleware import ImageRoutes, RequestIdMiddleware
 from gateway.jobs.service import run_jobs
 from gateway.jobs.submit import JOBS_PATH
+from gateway.metering import buffered_values
 from gateway.metering.metrics import Metrics
 from gateway.pipeline.gateway import open_gateway
 from gateway.pipeline.request import EDITS, GENERATIONS
@@ -50,15 +51,17 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        gw = await open_gateway(settings, metrics, session=session, redis=redis)
-        jobs = asyncio.create_task(run_jobs(gw))  # this worker's job runner and webhook sender
-        try:
-            yield {"gateway": gw}
-        finally:
-            jobs.cancel()  # jobs already calling the upstream finish in the drain below
-            await asyncio.gather(jobs, return_exceptions=True)
-            await drain_background_tasks(grace_seconds=settings.upstream.timeout_seconds)
-            await gw.close()
+        # Outermost: its last flush comes after everything below has counted (settlements at close).
+        async with buffered_values.flushing(settings.metrics.flush_seconds):
+            gw = await open_gateway(settings, metrics, session=session, redis=redis)
+            jobs = asyncio.create_task(run_jobs(gw))  # this worker's job runner and webhook sender
+            try:
+                yield {"gateway": gw}
+            finally:
+                jobs.cancel()  # jobs already calling the upstream finish in the drain below
+                await asyncio.gather(jobs, return_exceptions=True)
+                await drain_background_tasks(grace_seconds=settings.upstream.timeout_seconds)
+                await gw.close()
 
     routes: list[BaseRoute] = [*ROUTES, *ADMIN_ROUTES, *USAGE_ROUTES, *CONSOLE_ROUTES]
     # Plain Starlette: FastAPI's extra layers (body-limit, telemetry, exit-stack middleware) cost on

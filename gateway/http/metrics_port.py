@@ -1,6 +1,7 @@
 """``metrics.port``: /metrics on a port of its own, from a thread of ``gateway serve``'s main process.
 
-It reads the workers' files in PROMETHEUS_MULTIPROC_DIR (the sum over all workers) and,
+It reads the workers' files in PROMETHEUS_MULTIPROC_DIR (the sum over all workers, each written
+every ``metrics.flush_seconds``: see gateway/metering/buffered_values.py) and,
 like the API port's /metrics, requires ``Authorization: Bearer $GATEWAY_METRICS_TOKEN``
 when that is set. Import it only after PROMETHEUS_MULTIPROC_DIR is set (see server.py).
 """
@@ -19,6 +20,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.auth.authenticator import bearer_token, token_matches
 from gateway.errors import MetricsUnauthorized
+from gateway.metering import buffered_values
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
@@ -41,6 +43,7 @@ def metrics_app(token: str | None) -> Callable[..., Iterable[bytes]]:
             err = MetricsUnauthorized()
             start_response("401 Unauthorized", [("Content-Type", "application/json"), *err.headers.items()])
             return [orjson.dumps(err.body())]
+        buffered_values.flush()  # one worker serves from this process: its own figures current
         return exposition(environ, start_response)  # type: ignore[no-any-return]
 
     return app

@@ -1,8 +1,10 @@
 """``gateway serve``: uvicorn (uvloop + httptools with header limits), N workers, multiprocess metrics.
 
 prometheus_client picks where metric values live (memory, or files every worker's /metrics
-sums) when it is first imported, from ``PROMETHEUS_MULTIPROC_DIR``. So this module imports it
-only inside ``serve``, after the variable is set; workers are new processes and inherit it.
+sums) when it is first imported, from ``PROMETHEUS_MULTIPROC_DIR``, and so does
+gateway/metering/metrics.py (each worker's values in memory, flushed to its files in batches).
+So this module imports them only inside ``serve``, after the variable is set; workers are new
+processes and inherit it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 With several uvicorn workers (or ``metrics.port``) ``PROMETHEUS_MULTIPROC_DIR`` is set and
 /metrics sums the workers' files (prometheus-client multiprocess mode; the directory is
-emptied at start by ``gateway serve``). One worker keeps its values in memory.
+emptied at start by ``gateway serve``). Each worker keeps its values in memory and writes them
+to its files in batches (``buffered_values``, installed on import here, before any metric
+exists). One worker without ``metrics.port`` has no files at all.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gateway.metering import buffered_values
+
 disable_created_metrics()  # *_created samples double the series count for no use here
+buffered_values.install()  # before any metric is created: every value of the process must be buffered
 
 # From sub-millisecond gateway overhead to 600 s image calls.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20,
@@ -139,6 +144,7 @@ class Metrics:
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:
     """The /metrics body: the sum over all workers in multiprocess mode, else ``registry``."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        buffered_values.flush()  # this worker's own figures current; the others' are at most one interval old
         merged = CollectorRegistry()
         MultiProcessCollector(merged)
         return generate_latest(merged), CONTENT_TYPE_LATEST

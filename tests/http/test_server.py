@@ -10,9 +10,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
 
 import gateway.http.server as server_module
 from gateway.http.server import usable_cores
@@ -27,6 +30,7 @@ from tests.support.procs import (
 )
 
 KEY = "sk-igw-test_server-cccccccccccccccc"
+DORA = {"plans": {"default": {}}, "keys": [{"user": "dora", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}
 
 
 def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
@@ -44,8 +48,7 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_metrics_on_a_separate_port_sum_all_workers(workers: int, redis_url: str, tmp_path: Path) -> None:
     port = free_port()
-    cfg = {"metrics": {"port": port}, "plans": {"default": {}},
-           "keys": [{"user": "dora", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}
+    cfg = {"metrics": {"port": port}, **DORA}
     fake = start_fake_upstream("tt-server")
     with contextlib.ExitStack() as cleanup:  # a gateway that fails to start must not leave the fake running
         cleanup.callback(fake.stop)
@@ -62,6 +65,105 @@ def test_metrics_on_a_separate_port_sum_all_workers(workers: int, redis_url: str
             in httpx.get(f"http://127.0.0.1:{port}/metrics").text
         off = httpx.get(gw.url + "/metrics")  # kept off the API port
         assert off.status_code == 404 and off.json()["error"]["message"] == "Invalid URL (GET /metrics)"
+
+
+# --- several workers: values in memory, written to the multiprocess files in batches -----------------
+
+GENERATIONS = 'route="/v1/images/generations"'
+
+
+def sample_values(families: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of ``gateway_*`` metric families by (name, sorted labels)."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families if f.name.startswith("gateway_")
+            for s in f.samples}
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples that carry ``labels``."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def relay(gw: Service, n: int) -> dict[str, int]:
+    """``n`` generations, each on a new connection (spread over the workers); returns the usage they reported."""
+    reported = {"input_text_tokens": 0, "output_tokens": 0, "images": 0}
+    for i in range(n):
+        r = httpx.post(gw.url + "/v1/images/generations", headers={"authorization": f"Bearer {KEY}"},
+                       json={"prompt": "x" * (i + 1), "quality": ("low", "medium")[i % 2]})
+        assert r.status_code == 200
+        usage = r.json()["usage"]
+        reported["input_text_tokens"] += usage["input_tokens_details"]["text_tokens"]
+        reported["output_tokens"] += usage["output_tokens"]
+        reported["images"] += len(r.json()["data"])
+    return reported
+
+
+def assert_counts(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], n: int,
+                  reported: dict[str, int]) -> None:
+    """Requests, both duration histograms and the usage counters all show exactly the ``n`` requests."""
+    assert total(samples, "gateway_requests_total") == total(samples, "gateway_requests_total", status="200") == n
+    for histogram in ("gateway_request_duration_seconds", "gateway_upstream_duration_seconds"):
+        assert total(samples, histogram + "_count") == n
+        buckets = sorted((float(dict(ls)["le"]), v) for (name, ls), v in samples.items() if name == histogram
+                         + "_bucket")
+        counts = [v for _, v in buckets]
+        assert counts == sorted(counts) and counts[-1] == n and buckets[-1][0] == float("inf")
+        assert total(samples, histogram + "_sum") > 0
+    for kind, field in (("input_text", "input_text_tokens"), ("output", "output_tokens")):
+        assert total(samples, "gateway_usage_tokens_total", kind=kind, user="dora") == reported[field] > 0
+    assert total(samples, "gateway_images_total", user="dora") == reported["images"] == n
+
+
+@pytest.fixture(scope="module")
+def server_fake() -> Iterator[Service]:
+    fake = start_fake_upstream("tt-server")
+    yield fake
+    fake.stop()
+
+
+def two_workers(cfg: dict[str, Any], fake: Service, redis_url: str, tmp_path: Path) -> Service:
+    """A two-worker gateway (both started) in front of ``fake``, key KEY for user dora."""
+    cfg = {**cfg, **DORA}
+    gw = start_gateway(cfg, {"TTAPI_API_KEY": "tt-server", "UPSTREAM_BASE_URL": fake.url, "REDIS_URL": redis_url},
+                       workers=2, tmp=tmp_path)
+    try:
+        wait_until(lambda: gw.log().count("Application startup complete.") == 2, "2 workers")
+    except BaseException:
+        gw.stop()
+        raise
+    return gw
+
+
+def test_two_workers_show_every_request_on_metrics(server_fake: Service, redis_url: str, tmp_path: Path) -> None:
+    n = 24
+    with running(two_workers({}, server_fake, redis_url, tmp_path)) as gw:
+        reported = relay(gw, n)
+        scraped: dict[str, Any] = {}
+
+        def all_counted() -> bool:  # each worker writes its figures every metrics.flush_seconds (1 s)
+            scraped["samples"] = sample_values(text_string_to_metric_families(httpx.get(gw.url + "/metrics").text))
+            return total(scraped["samples"], "gateway_requests_total") == n
+
+        wait_until(all_counted, f"{n} requests on /metrics", timeout=1 + 20)
+        assert_counts(scraped["samples"], n, reported)
+        wait_until(lambda: total(sample_values(text_string_to_metric_families(httpx.get(gw.url + "/metrics").text)),
+                                 "gateway_inflight_requests") == 0, "no request in flight")
+
+
+def test_a_clean_stop_writes_every_count_to_the_files(server_fake: Service, redis_url: str, tmp_path: Path) -> None:
+    """With a flush only once a minute, what the files hold after SIGTERM is the shutdown's flush."""
+    n = 10
+    gw = two_workers({"metrics": {"flush_seconds": 60}}, server_fake, redis_url, tmp_path)
+    files = tmp_path / f"prom-{gw.port}"
+    with running(gw):
+        reported = relay(gw, n)
+        # Not scraped (a scrape flushes the worker that answers it), and the first interval is a minute away.
+        assert total(sample_values(MultiProcessCollector(None, path=str(files)).collect()),
+                     "gateway_requests_total") == 0
+    assert gw.proc is None  # stopped with SIGTERM, each worker ran its lifespan's end
+    samples = sample_values(MultiProcessCollector(None, path=str(files)).collect())
+    assert_counts(samples, n, reported)
+    # Live-sum gauges of exited workers add nothing (each ended at 0 and wrote it).
+    assert total(samples, "gateway_inflight_requests") == total(samples, "gateway_usage_pending_settlements") == 0
 
 
 @pytest.mark.parametrize("separate_port", [False, True], ids=["api-port", "metrics-port"])
