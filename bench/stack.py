@@ -68,8 +68,11 @@ class Stack:
         return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()})
 
     def busiest_worker(self) -> int:
-        """The gateway process that has used the most CPU (the worker, under uvicorn's supervisor)."""
-        return max(process_tree(self.gateway.pid), key=cpu_seconds)
+        """The gateway worker that has used the most CPU: with several workers, not uvicorn's supervisor
+        (which may have used more than idle workers before any load, loading the config)."""
+        tree = process_tree(self.gateway.pid)
+        workers = [pid for pid in tree if pid != self.gateway.pid] or tree
+        return max(workers, key=cpu_seconds)
 
     def fds(self) -> int:
         total = 0
