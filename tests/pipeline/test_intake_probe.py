@@ -7,10 +7,10 @@ from pathlib import Path
 import httpx
 
 from tests.http.test_edits import picture
-from tests.pipeline.test_gateway import KEY, env
+from tests.pipeline.test_gateway import KEY, env, post
 from tests.pipeline.test_intake import one_at_a_time
 from tests.pipeline.test_overload import metric
-from tests.support.procs import Service, start_gateway
+from tests.support.procs import RedisServer, Service, start_gateway
 
 AUTH = {"authorization": f"Bearer {KEY}"}
 
@@ -36,3 +36,15 @@ def test_other_ways_through_keep_no_slot(fake: Service, redis_url: str, tmp_path
         assert metric(gw.url, 'gateway_admission_shed_total{reason="deadline"}') == 0
     finally:
         gw.stop()
+
+
+def test_redis_down_with_policy_allow_keeps_no_slot(fake: Service, tmp_path: Path) -> None:
+    redis = RedisServer().start()
+    gw = start_gateway(one_at_a_time({"requests_per_minute": 1}, on_unavailable="allow"), env(fake, redis.url),
+                       tmp=tmp_path)
+    try:
+        redis.stop()
+        assert [post(gw.url).status_code for _ in range(3)] == [200, 200, 200]  # one slot: each left it
+    finally:
+        gw.stop()
+        redis.cleanup()
