@@ -82,6 +82,8 @@ class Intake:
             else:
                 self._waiting -= 1  # its future stays queued, cancelled: _pass_on skips it
                 future.cancel()
+                if len(self._waiters) > 2 * self._waiting + 64:  # all slots stuck (a stalled Redis): tidy
+                    self._waiters = deque(f for f in self._waiters if not f.done())
             if isinstance(exc, TimeoutError):
                 raise Shed("deadline") from None
             raise

@@ -155,3 +155,13 @@ def test_a_stalled_redis_fills_the_intake_line_then_sheds_with_retry_after(
         assert [r.status_code for r in results].count(200) == 3
     finally:
         gw.stop()
+
+
+async def test_waiters_that_gave_up_do_not_pile_up_while_every_slot_is_stuck() -> None:
+    intake = Intake(limit=1, max_waiting=10_000)
+    await intake.enter(later())  # held for good, as behind a stalled Redis
+    for _ in range(20):
+        waiters = [asyncio.ensure_future(intake.enter(time.monotonic() + 0.01)) for _ in range(100)]
+        done = await asyncio.gather(*waiters, return_exceptions=True)
+        assert all(isinstance(d, Shed) and d.reason == "deadline" for d in done)
+    assert intake.waiting == 0 and len(intake._waiters) <= 64 + 100  # not the 2,000 that gave up
