@@ -35,11 +35,11 @@ class Exchange:
     incomplete: bool = False  # a stream ended without its completed event
     client_gone: bool = False
     ticket: Ticket | None = None  # its Idempotency-Key claim: the answer is kept there, or the key released
-    intake: Slot | None = None  # its place in the intake (pipeline/intake.py) until its body is sent upstream
+    intake: Slot | None = None  # its place in the intake (pipeline/intake.py) until its upstream call
     admission_deadline: float | None = None  # monotonic: shed if admission has not begun by then
 
     def leave_intake(self) -> None:
-        """Give up the intake slot (at once after the body went upstream, or on the way out); idempotent."""
+        """Give up the intake slot (just before the upstream call, or on the way out); idempotent."""
         slot, self.intake = self.intake, None
         if slot is not None:
             slot.release()

@@ -56,7 +56,7 @@ class Gateway:
         self.pipeline_redis = pipeline_redis  # the batcher's client, when it is not ``redis``
         self.idempotency = idempotency  # None: Idempotency-Key is not honoured (no Redis)
         self.sweeper = sweeper
-        # Requests between admission and the upstream send: a few at a time, in arrival order.
+        # Requests between admission and their upstream call: a few at a time, in arrival order.
         self.intake = Intake(settings.server.intake_concurrency, settings.redis.admission_queue)
 
     async def authenticate(self, request: Request) -> Principal:

@@ -7,8 +7,8 @@ advance in lockstep, and the median request reaches the upstream only when nearl
 burst has done its intake work. Behind this gate at most ``limit`` requests are between
 entering it (before admission) and their upstream call; the rest wait in arrival order. The
 first half of a burst then reaches the upstream after about half of the burst's intake work:
-with 5,000 requests sent at once, the median answer came +3.0 to +4.1 s after direct instead
-of +4.6 to +7.1 s on the same (busy) machine (bench/RESULTS.md). A slot is held for the
+with 5,000 requests sent at once, the median answer came +2.38 s after direct instead of
++5.36 s (quiet full runs of both commits on the same machine, bench/RESULTS.md). A slot is held for the
 admission's CPU and Redis round trip, never for network waits towards the upstream (connect,
 TLS, upload) nor its answer: steady traffic does not wait here.
 
