@@ -23,6 +23,7 @@ from gateway.errors import GatewayError
 from gateway.http import system
 from gateway.http.images import create_image, edit_image
 from gateway.http.jobs import delete_job, get_job
+from gateway.http.malloc import tune_malloc
 from gateway.http.middleware import ImageRoutes, RequestIdMiddleware
 from gateway.jobs.service import run_jobs
 from gateway.jobs.submit import JOBS_PATH
@@ -85,6 +86,7 @@ def app_from_env() -> Starlette:
     """Factory for ``uvicorn --factory`` (each worker loads the config named by GATEWAY_CONFIG)."""
     configure_logging()
     tune_gc()
+    tune_malloc()
     return create_app(load_settings())
 
 
