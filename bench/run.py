@@ -210,7 +210,7 @@ def run_profile(stack: Stack, args: argparse.Namespace, res: Results) -> None:
     if args.profile == "big":
         body, connections, timeout = {**SMALL, "fake": {"pad_bytes": args.big_pad}}, args.big_concurrency, 60
     else:
-        body, connections, timeout = SMALL, args.concurrency, 10
+        body, connections, timeout = SMALL, 1 if args.profile == "c1" else args.concurrency, 10
     print(f"profile: py-spy on gateway worker {pid}, {args.profile} load, {args.duration:g} s", flush=True)
     res.profile = f"under the {args.profile} load:\n" + profile.profile_under_load(
         pid, lambda: load.run_wrk(url, body, headers, connections=connections, duration=args.duration + 2,
@@ -243,8 +243,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="burst: REQUESTSxSECONDS_HELD, comma-separated (1500x3,5000x10)")
     parser.add_argument("--big-concurrency", type=int, default=8, help="big: connections (default 8)")
     parser.add_argument("--big-pad", type=int, default=2_200_000, help="big: image bytes (default 2.2 MB)")
-    parser.add_argument("--profile", nargs="?", const="rps", choices=("rps", "big"),
-                        help="also profile the gateway worker (py-spy) under the rps (default) or big load")
+    parser.add_argument("--profile", nargs="?", const="rps", choices=("rps", "big", "c1"),
+                        help="also profile the gateway worker (py-spy) under the rps (default), big or c1 load")
     parser.add_argument("--pin", action="store_true",
                         help="pin the gateway to its own CPUs and the rest to the others (default: unpinned, "
                              "as users run it)")

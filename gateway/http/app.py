@@ -23,10 +23,10 @@ from gateway.errors import GatewayError
 from gateway.http import system
 from gateway.http.images import create_image, edit_image
 from gateway.http.jobs import delete_job, get_job
-from gateway.http.malloc import tune_malloc
 from gateway.http.middleware import ImageRoutes, RequestIdMiddleware
 from gateway.jobs.service import run_jobs
 from gateway.jobs.submit import JOBS_PATH
+from gateway.malloc import tune_malloc
 from gateway.metering import buffered_values
 from gateway.metering.metrics import Metrics
 from gateway.pipeline.gateway import open_gateway

@@ -16,23 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import socket
 import struct
 from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
+from gateway.malloc import give_memory_back
+
 _DISCONNECT_WAIT_SECONDS = 5.0  # for the server to notice an aborted connection before the app returns
-_LIBC = ctypes.util.find_library("c")
-_malloc_trim = getattr(ctypes.CDLL(_LIBC), "malloc_trim", None) if _LIBC else None
-
-
-def give_memory_back() -> None:
-    """Return the freed heap pages of a dropped answer to the OS (glibc keeps them otherwise: RSS stays up)."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 class ClientLink:

@@ -1,4 +1,4 @@
-"""A serving worker's C allocator: big buffers reuse the heap instead of fresh pages from the kernel.
+"""The worker's C allocator (glibc): big buffers reuse the heap; a dropped answer's memory goes back.
 
 Relaying megabytes of base64 makes many short-lived buffers of 64-256 KiB (each socket read,
 aiohttp's copy of each body piece). With glibc's defaults those above its mmap threshold get
@@ -16,6 +16,10 @@ What a worker holds at its peak does not change (the same buffers are alive); af
 keep up to 64 MiB more. An operator who sets any ``MALLOC_*_`` variable (glibc reads them at
 start), or ``glibc.malloc.*`` in ``GLIBC_TUNABLES``, keeps their own settings: nothing is changed
 then. Not glibc (musl, another libc): nothing is changed either.
+
+``give_memory_back`` hands the heap's free pages back to the kernel at once (``malloc_trim``, which
+ignores the trim threshold): after a client that stopped reading is dropped, so the megabytes its
+answer held do not stay in the worker's RSS.
 """
 
 from __future__ import annotations
@@ -30,6 +34,19 @@ TRIM_THRESHOLD_BYTES = 64 << 20
 _OPERATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library if it is glibc (another's thresholds differ or are absent), else None."""
+    try:
+        libc = ctypes.CDLL(None)  # the process's own symbols, its C library's among them
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()
+
+
 def tune_malloc() -> bool:
     """Set the two thresholds above; False when left as they were (operator's variables, not glibc)."""
     if any(name in os.environ for name in _OPERATOR_VARIABLES) or "glibc.malloc." in os.environ.get(
@@ -42,14 +59,16 @@ def tune_malloc() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
+def give_memory_back() -> None:
+    """Return the heap's free pages to the kernel now (glibc keeps them otherwise: RSS stays up)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def _mallopt() -> ctypes._NamedFuncPointer | None:
-    """glibc's ``mallopt``, or None where the C library is another (its thresholds differ or are absent)."""
-    try:
-        libc = ctypes.CDLL(None)  # the process's own symbols, its C library's among them
-        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    if _LIBC is None:
         return None
+    mallopt = _LIBC.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     return mallopt

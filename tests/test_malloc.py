@@ -14,14 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.http import malloc
+from gateway import malloc
 from tests.support.procs import RedisServer, Service, running, start_fake_upstream, start_gateway
 
 # Eight answers of ~3 MB in flight, each arriving in 256 KiB pieces, the oldest freed as the next comes:
 # what relaying big answers does to the allocator. Prints the page faults the churn caused.
 CHURN = textwrap.dedent("""
     import resource, sys
-    from gateway.http.malloc import tune_malloc
+    from gateway.malloc import tune_malloc
     tuned = tune_malloc() if sys.argv[1] == "tuned" else None
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -36,7 +36,7 @@ CHURN = textwrap.dedent("""
 
 def churn_faults(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
     out = subprocess.run([sys.executable, "-c", CHURN, mode], capture_output=True, text=True, check=True,
-                         env=env, cwd=Path(__file__).parents[2]).stdout.split()
+                         env=env, cwd=Path(__file__).parents[1]).stdout.split()
     return out[0], int(out[1])
 
 
