@@ -84,6 +84,7 @@ class Batcher:
         # Standalone: connections held for the pipelines (see the module docstring); Cluster: redis-py's pipeline.
         self._direct = not isinstance(client, RedisCluster) and hasattr(client, "connection_pool")
         self._idle: list[Any] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first call: a batcher serves one
         if health is not None:
             health.on_open(self._fail_all)
 
@@ -98,7 +99,9 @@ class Batcher:
             raise CircuitOpen(f"redis unavailable ({self.health.reason})")
         if deadline is not None and len(self._queue) >= self.max_queue:
             raise Shed("queue_full")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # once: get_running_loop is a getpid system call on Python 3.11, twice a request here
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append(_Call(script, keys, args, future, deadline))
         if not self._scheduled:
@@ -121,11 +124,11 @@ class Batcher:
                 batch.append(call)
             if batch:
                 self._busy += 1
-                task = asyncio.ensure_future(self._send(batch))
+                task = (self._loop or asyncio.get_running_loop()).create_task(self._send(batch))
                 self._sending.add(task)
                 task.add_done_callback(self._sending.discard)
         if self._queue and self._sweep is None:
-            self._sweep = asyncio.get_running_loop().call_later(0.05, self._shed_expired)
+            self._sweep = (self._loop or asyncio.get_running_loop()).call_later(0.05, self._shed_expired)
 
     def _shed_expired(self) -> None:
         """Shed queued admissions past their deadline while every connection is busy."""
@@ -141,7 +144,7 @@ class Batcher:
                 kept.append(call)
         self._queue = kept
         if self._queue:
-            self._sweep = asyncio.get_running_loop().call_later(0.05, self._shed_expired)
+            self._sweep = (self._loop or asyncio.get_running_loop()).call_later(0.05, self._shed_expired)
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
@@ -176,7 +179,7 @@ class Batcher:
             self._busy -= 1
             if self._queue and not self._scheduled:
                 self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+                (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
