@@ -6,10 +6,15 @@ buffer) and the response's memory is freed. uvicorn gives the ASGI app no handle
 transport, so ``ClientLink`` finds it under uvicorn's ``receive`` (a bound method of the
 connection's cycle); under another server the client is only marked gone and the server closes it.
 
-A send that the transport takes at once (nearly all) costs no task: the deadline is a timer
-(``asyncio.timeout``), not ``wait_for``, which wraps every send in a task of its own. A finished
-answer (``ChunksResponse``) has no disconnect watcher either: uvicorn ignores sends to a departed
-client, and only a dropped connection needs to wait for the server to see it go.
+The deadline is one timer per response, not one per send: a watchdog that wakes every
+``timeout_seconds`` while the response lasts and drops the client if a send has been waiting that
+long. (``asyncio.timeout`` around each send cost two timers, a Timeout object and three
+``get_running_loop`` calls, each a ``getpid`` system call on Python 3.11, per send: ~12% of the
+worker's CPU on small answers; ``wait_for`` would wrap every send in a task of its own.) Under
+uvicorn the drop aborts the transport, which ends the waiting send; under another server the
+watchdog cancels the sending task instead, and the send returns False. A finished answer
+(``ChunksResponse``) has no disconnect watcher either: uvicorn ignores sends to a departed client,
+and only a dropped connection needs to wait for the server to see it go.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ class ClientLink:
         self.exchange = exchange  # its ``client_gone`` is set when the client leaves or is dropped
         self.gone = False
         self.dropped = False
+        # The task that sends (the response's own), its loop, and the watchdog of its sends' deadline.
+        self._task = asyncio.current_task()
+        self._loop = self._task.get_loop() if self._task is not None else asyncio.get_running_loop()
+        self._waiting_since: float | None = None  # loop time a send started, while it waits
+        self._cancelled_send = False  # the watchdog cancelled the task to end a send (no transport)
+        self._watchdog: asyncio.TimerHandle | None = self._loop.call_later(timeout_seconds, self._check)
         # uvicorn drops sends to a departed client silently: learn of it from receive() instead.
         # watch=False (a finished answer): nothing to learn early; sends to a departed client are no-ops.
         self._watcher = asyncio.ensure_future(self._watch_disconnect()) if watch else None
@@ -56,24 +67,42 @@ class ClientLink:
         """Send one message; False if the client is gone or was dropped for not taking it in time."""
         if self.gone:
             return False
+        self._waiting_since = self._loop.time()
         try:
-            async with asyncio.timeout(self.timeout_seconds):
-                await self._send(message)
-        except TimeoutError:
-            self.drop()
-            return False
+            await self._send(message)
         except OSError:  # ASGI 2.4 servers raise once the client has gone
             self._mark_gone()
             return False
-        return True
+        except asyncio.CancelledError:
+            if not self._cancelled_send or self._task is None or self._task.uncancel() > 0:
+                raise  # a cancellation of the request's own, not the watchdog's
+            return False
+        finally:
+            self._waiting_since = None
+        return not self.dropped  # an abort ended the send (uvicorn returns from it silently)
 
-    def drop(self) -> None:
-        """Abort the connection now: the client stopped reading (or fell too far behind)."""
+    def _check(self) -> None:
+        """The watchdog: drop the client if a send has waited ``timeout_seconds``; else look again later."""
+        self._watchdog = None
+        since, now = self._waiting_since, self._loop.time()
+        if since is not None and now - since >= self.timeout_seconds:
+            if not self.drop() and self._task is not None:
+                self._cancelled_send = True  # no transport to abort: end the send by cancelling it
+                self._task.cancel()
+            return
+        wake = since + self.timeout_seconds if since is not None else now + self.timeout_seconds
+        self._watchdog = self._loop.call_at(wake, self._check)
+
+    def drop(self) -> bool:
+        """Abort the connection now: the client stopped reading (or fell too far behind).
+
+        False if the server gave no transport to abort (the client is only marked gone).
+        """
         self._mark_gone()
         self.dropped = True
         transport = getattr(getattr(self._receive, "__self__", None), "transport", None)
         if transport is None:
-            return
+            return False
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # Linger 0: the kernel resets the connection and frees its send buffer, instead of holding
@@ -81,9 +110,13 @@ class ClientLink:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
+        return True
 
     async def close(self) -> None:
         """Stop watching; after a drop, wait until the server has seen the connection go."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self.gone and self._watcher is None and self.dropped:
             self._watcher = asyncio.ensure_future(self._watch_disconnect())
         if self._watcher is None:

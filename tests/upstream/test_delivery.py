@@ -4,6 +4,7 @@ is settled when the upstream ends, however slowly its client reads."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from gateway.config import parse_settings
 from gateway.metering.pricing import estimate
 from gateway.pipeline.request import validate_image_request
 from gateway.redisdb.keys import RedisKeys
+from gateway.upstream.delivery import ClientLink
 from tests.support.procs import Service, module_fake_upstream, start_gateway, wait_until
 
 KEY = "sk-igw-test_delivery-0123456789abcdef"
@@ -160,3 +162,58 @@ def test_a_stream_client_too_far_behind_is_dropped_before_its_send_timeout(
     finally:
         sock.close()
         gw.stop()
+
+
+# ClientLink's deadline under a server that gives no transport to abort (not uvicorn): the watchdog ends
+# the waiting send itself. Under uvicorn, the tests above: the dropped connection ends it.
+
+async def never_receives() -> dict[str, Any]:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+async def test_a_send_the_server_never_takes_is_ended_at_the_deadline() -> None:
+    async def stuck_send(message: dict[str, Any]) -> None:
+        await asyncio.Event().wait()  # the client's window stays shut
+
+    link = ClientLink(stuck_send, never_receives, 0.05, watch=False)
+    assert await link.send({"type": "http.response.start", "status": 200, "headers": []}) is False
+    assert link.gone and link.dropped
+    assert await link.send({"type": "http.response.body", "body": b"x"}) is False  # nothing more is sent
+    await link.close()
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # the watchdog's cancellation was taken back
+
+
+async def test_many_quick_sends_outlasting_the_deadline_all_go_through() -> None:
+    sent: list[bytes] = []
+
+    async def slowish_send(message: dict[str, Any]) -> None:
+        await asyncio.sleep(0.02)  # each send waits a little; all of them together far longer than 0.3 s
+        sent.append(message["body"])
+
+    link = ClientLink(slowish_send, never_receives, 0.3, watch=False)
+    results = [await link.send({"type": "http.response.body", "body": bytes([i])}) for i in range(25)]
+    await link.close()
+    assert all(results) and not link.gone and len(sent) == 25
+
+
+async def test_the_requests_own_cancellation_is_not_swallowed() -> None:
+    started = asyncio.Event()
+
+    async def stuck_send(message: dict[str, Any]) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async def respond() -> bool:
+        link = ClientLink(stuck_send, never_receives, 30, watch=False)
+        try:
+            return await link.send({"type": "http.response.start", "status": 200, "headers": []})
+        finally:
+            await link.close()
+
+    task = asyncio.ensure_future(respond())
+    await started.wait()
+    task.cancel()  # the request is cancelled (its client went, shutdown): not a deadline
+    with pytest.raises(asyncio.CancelledError):
+        await task
