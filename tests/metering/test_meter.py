@@ -8,6 +8,7 @@ must equal what the upstream reported, to the token, image and micro-dollar.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -178,7 +179,16 @@ def test_every_view_of_usage_equals_what_the_upstream_reported(
             + by_model[m]["output_tokens"] * int(p["output_per_1m"]) for m, p in PRICES.items())
         assert upstream["images"] == 2 + 2 + 1 + 1 + 3 + 1 + 2 and upstream["output_tokens"] > 0
 
-        # 1. Prometheus.
+        # 1. Prometheus. Each of several workers writes its counts to the shared files every
+        # metrics.flush_seconds (1 s): the one answering /metrics shows its own at once, another's
+        # within that interval. Wait for it (a wrong total still fails below, after the wait).
+        def prometheus_caught_up() -> bool:
+            seen = scrape(gw)
+            return seen["images"] == upstream["images"] and all(
+                seen["tokens"][kind] == upstream[field] for kind, field in KINDS.items())
+
+        with contextlib.suppress(TimeoutError):
+            wait_until(prometheus_caught_up, "every worker's counts on /metrics", timeout=10)
         m = scrape(gw)
         for kind, field in KINDS.items():
             assert m["tokens"][kind] == upstream[field], kind
