@@ -30,6 +30,10 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.malloc import give_memory_back
 
 _DISCONNECT_WAIT_SECONDS = 5.0  # for the server to notice an aborted connection before the app returns
+# uvloop's clock and timers count whole milliseconds (a delay is rounded to one): a wake this close to a send's
+# deadline is the deadline. Otherwise a wake a hair early re-armed the watchdog for "now", again and again
+# until the clock ticked: hundreds of wakes for one stalled send.
+_CLOCK_SLACK_SECONDS = 0.001
 
 
 class ClientLink:
@@ -85,7 +89,7 @@ class ClientLink:
         """The watchdog: drop the client if a send has waited ``timeout_seconds``; else look again later."""
         self._watchdog = None
         since, now = self._waiting_since, self._loop.time()
-        if since is not None and now - since >= self.timeout_seconds:
+        if since is not None and now - since >= self.timeout_seconds - _CLOCK_SLACK_SECONDS:
             if not self.drop() and self._task is not None:
                 self._cancelled_send = True  # no transport to abort: end the send by cancelling it
                 self._task.cancel()
