@@ -78,11 +78,13 @@ class ClientLink:
             self._mark_gone()
             return False
         except asyncio.CancelledError:
-            if not self._cancelled_send or self._task is None or self._task.uncancel() > 0:
-                raise  # a cancellation of the request's own, not the watchdog's
+            if not self._take_back_cancel():
+                raise  # a cancellation of the request's own, not (only) the watchdog's
             return False
         finally:
             self._waiting_since = None
+            if self._cancelled_send:  # the server's send turned the watchdog's cancellation into something else
+                self._take_back_cancel()
         return not self.dropped  # an abort ended the send (uvicorn returns from it silently)
 
     def _check(self) -> None:
@@ -96,6 +98,13 @@ class ClientLink:
             return
         wake = since + self.timeout_seconds if since is not None else now + self.timeout_seconds
         self._watchdog = self._loop.call_at(wake, self._check)
+
+    def _take_back_cancel(self) -> bool:
+        """Take back the watchdog's cancellation of the task, if one is held; True if no other one is left."""
+        if not self._cancelled_send or self._task is None:
+            return False
+        self._cancelled_send = False
+        return self._task.uncancel() == 0
 
     def drop(self) -> bool:
         """Abort the connection now: the client stopped reading (or fell too far behind).

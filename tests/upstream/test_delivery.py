@@ -249,3 +249,19 @@ def test_the_watchdog_wakes_once_at_a_deadline_under_uvloop() -> None:
     wakes = uvloop.run(many())
     assert max(wakes) <= 3, wakes
 
+
+async def test_a_deadline_cancellation_the_server_turns_into_oserror_is_taken_back() -> None:
+    # An ASGI 2.4 server may answer the cancelled send as a gone client (OSError): the watchdog's
+    # cancellation must not stay counted on the request's task.
+    async def stuck_send(message: dict[str, Any]) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise OSError("connection closed") from None
+
+    link = ClientLink(stuck_send, never_receives, 0.05, watch=False)
+    assert await link.send({"type": "http.response.body", "body": b"x"}) is False
+    await link.close()
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)  # and nothing is pending
