@@ -220,6 +220,10 @@ async def test_the_requests_own_cancellation_is_not_swallowed() -> None:
         await task
 
 
+async def disconnected() -> dict[str, Any]:
+    return {"type": "http.disconnect"}  # the server has seen the dropped client go: close() waits for nothing
+
+
 class CountedWakes(ClientLink):
     """A ClientLink that counts its watchdog's wakes."""
 
@@ -237,7 +241,7 @@ def test_the_watchdog_wakes_once_at_a_deadline_under_uvloop() -> None:
         await asyncio.Event().wait()
 
     async def one(deadline: float) -> int:
-        link = CountedWakes(stuck_send, never_receives, deadline, watch=False)
+        link = CountedWakes(stuck_send, disconnected, deadline, watch=False)
         assert await link.send({"type": "http.response.body", "body": b"x"}) is False
         await link.close()
         return link.wakes
@@ -259,7 +263,7 @@ async def test_a_deadline_cancellation_the_server_turns_into_oserror_is_taken_ba
         except asyncio.CancelledError:
             raise OSError("connection closed") from None
 
-    link = ClientLink(stuck_send, never_receives, 0.05, watch=False)
+    link = ClientLink(stuck_send, disconnected, 0.05, watch=False)
     assert await link.send({"type": "http.response.body", "body": b"x"}) is False
     await link.close()
     task = asyncio.current_task()
