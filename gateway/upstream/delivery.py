@@ -30,6 +30,10 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.malloc import give_memory_back
 
 _DISCONNECT_WAIT_SECONDS = 5.0  # for the server to notice an aborted connection before the app returns
+# uvloop's clock and timers count whole milliseconds (a delay is rounded to one): a wake this close to a send's
+# deadline is the deadline. Otherwise a wake a hair early re-armed the watchdog for "now", again and again
+# until the clock ticked: hundreds of wakes for one stalled send.
+_CLOCK_SLACK_SECONDS = 0.001
 
 
 class ClientLink:
@@ -74,24 +78,33 @@ class ClientLink:
             self._mark_gone()
             return False
         except asyncio.CancelledError:
-            if not self._cancelled_send or self._task is None or self._task.uncancel() > 0:
-                raise  # a cancellation of the request's own, not the watchdog's
+            if not self._take_back_cancel():
+                raise  # a cancellation of the request's own, not (only) the watchdog's
             return False
         finally:
             self._waiting_since = None
+            if self._cancelled_send:  # the server's send turned the watchdog's cancellation into something else
+                self._take_back_cancel()
         return not self.dropped  # an abort ended the send (uvicorn returns from it silently)
 
     def _check(self) -> None:
         """The watchdog: drop the client if a send has waited ``timeout_seconds``; else look again later."""
         self._watchdog = None
         since, now = self._waiting_since, self._loop.time()
-        if since is not None and now - since >= self.timeout_seconds:
+        if since is not None and now - since >= self.timeout_seconds - _CLOCK_SLACK_SECONDS:
             if not self.drop() and self._task is not None:
                 self._cancelled_send = True  # no transport to abort: end the send by cancelling it
                 self._task.cancel()
             return
         wake = since + self.timeout_seconds if since is not None else now + self.timeout_seconds
         self._watchdog = self._loop.call_at(wake, self._check)
+
+    def _take_back_cancel(self) -> bool:
+        """Take back the watchdog's cancellation of the task, if one is held; True if no other one is left."""
+        if not self._cancelled_send or self._task is None:
+            return False
+        self._cancelled_send = False
+        return self._task.uncancel() == 0
 
     def drop(self) -> bool:
         """Abort the connection now: the client stopped reading (or fell too far behind).

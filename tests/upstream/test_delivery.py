@@ -16,6 +16,7 @@ import openai
 import orjson
 import pytest
 import redis
+import uvloop
 
 from gateway.config import parse_settings
 from gateway.metering.pricing import estimate
@@ -217,3 +218,54 @@ async def test_the_requests_own_cancellation_is_not_swallowed() -> None:
     task.cancel()  # the request is cancelled (its client went, shutdown): not a deadline
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def disconnected() -> dict[str, Any]:
+    return {"type": "http.disconnect"}  # the server has seen the dropped client go: close() waits for nothing
+
+
+class CountedWakes(ClientLink):
+    """A ClientLink that counts its watchdog's wakes."""
+
+    wakes = 0
+
+    def _check(self) -> None:
+        self.wakes += 1
+        super()._check()
+
+
+def test_the_watchdog_wakes_once_at_a_deadline_under_uvloop() -> None:
+    # uvloop's clock and timers count whole milliseconds: a wake a hair before the deadline (rounding) must
+    # not re-arm the watchdog for "now", again and again until the clock ticks (hundreds of wakes a send).
+    async def stuck_send(message: dict[str, Any]) -> None:
+        await asyncio.Event().wait()
+
+    async def one(deadline: float) -> int:
+        link = CountedWakes(stuck_send, disconnected, deadline, watch=False)
+        assert await link.send({"type": "http.response.body", "body": b"x"}) is False
+        await link.close()
+        return link.wakes
+
+    async def many() -> list[int]:
+        # Deadlines of every sub-millisecond phase: untuned, four in ten of them spun.
+        return await asyncio.gather(*(one(0.05 + i * 0.0071) for i in range(40)))
+
+    wakes = uvloop.run(many())
+    assert max(wakes) <= 3, wakes
+
+
+async def test_a_deadline_cancellation_the_server_turns_into_oserror_is_taken_back() -> None:
+    # An ASGI 2.4 server may answer the cancelled send as a gone client (OSError): the watchdog's
+    # cancellation must not stay counted on the request's task.
+    async def stuck_send(message: dict[str, Any]) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise OSError("connection closed") from None
+
+    link = ClientLink(stuck_send, disconnected, 0.05, watch=False)
+    assert await link.send({"type": "http.response.body", "body": b"x"}) is False
+    await link.close()
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)  # and nothing is pending
