@@ -52,9 +52,11 @@ def tune_malloc() -> bool:
     if any(name in os.environ for name in _OPERATOR_VARIABLES) or "glibc.malloc." in os.environ.get(
             "GLIBC_TUNABLES", ""):
         return False
-    mallopt = _mallopt()
-    if mallopt is None:
+    if _LIBC is None:
         return False
+    mallopt = _LIBC.mallopt
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
     # mallopt answers 1 on success, 0 on error.
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
@@ -64,11 +66,3 @@ def give_memory_back() -> None:
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
-
-def _mallopt() -> ctypes._NamedFuncPointer | None:
-    if _LIBC is None:
-        return None
-    mallopt = _LIBC.mallopt
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    return mallopt

@@ -99,15 +99,19 @@ class Batcher:
             raise CircuitOpen(f"redis unavailable ({self.health.reason})")
         if deadline is not None and len(self._queue) >= self.max_queue:
             raise Shed("queue_full")
-        loop = self._loop
-        if loop is None:  # once: get_running_loop is a getpid system call on Python 3.11, twice a request here
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self._event_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append(_Call(script, keys, args, future, deadline))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
         return await future
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop of the first call, looked up once: get_running_loop is a getpid system call on Python 3.11."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -124,11 +128,11 @@ class Batcher:
                 batch.append(call)
             if batch:
                 self._busy += 1
-                task = (self._loop or asyncio.get_running_loop()).create_task(self._send(batch))
+                task = self._event_loop().create_task(self._send(batch))
                 self._sending.add(task)
                 task.add_done_callback(self._sending.discard)
         if self._queue and self._sweep is None:
-            self._sweep = (self._loop or asyncio.get_running_loop()).call_later(0.05, self._shed_expired)
+            self._sweep = self._event_loop().call_later(0.05, self._shed_expired)
 
     def _shed_expired(self) -> None:
         """Shed queued admissions past their deadline while every connection is busy."""
@@ -144,7 +148,7 @@ class Batcher:
                 kept.append(call)
         self._queue = kept
         if self._queue:
-            self._sweep = (self._loop or asyncio.get_running_loop()).call_later(0.05, self._shed_expired)
+            self._sweep = self._event_loop().call_later(0.05, self._shed_expired)
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
@@ -179,7 +183,7 @@ class Batcher:
             self._busy -= 1
             if self._queue and not self._scheduled:
                 self._scheduled = True
-                (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
+                self._event_loop().call_soon(self._flush)
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
