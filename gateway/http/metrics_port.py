@@ -16,11 +16,11 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import orjson
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.auth.authenticator import bearer_token, token_matches
 from gateway.errors import MetricsUnauthorized
 from gateway.metering import buffered_values
+from gateway.metering.metrics import LiveWorkersCollector
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
@@ -35,7 +35,7 @@ class _QuietHandler(WSGIRequestHandler):
 def metrics_app(token: str | None) -> Callable[..., Iterable[bytes]]:
     """The WSGI app: the workers' summed metrics, or a 401 in OpenAI's shape without the token."""
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)
+    LiveWorkersCollector(registry)
     exposition = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

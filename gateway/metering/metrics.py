@@ -10,6 +10,8 @@ exists). One worker without ``metrics.port`` has no files at all.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import (
@@ -21,7 +23,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from gateway.metering import buffered_values
 
@@ -141,11 +144,52 @@ class Metrics:
         return (user, team or "") if self.user_label else (team or "",)
 
 
+# A live gauge's file (livesum, liveall, livemax, ...): ``gauge_{mode}_{pid}.db``.
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def forget_dead_workers(path: str) -> list[int]:
+    """Remove the live-gauge files of workers that are gone; returns their pids.
+
+    A worker killed without a clean exit (SIGKILL, the OOM killer) leaves its last values in its
+    files: its requests would count as in flight for ever. prometheus-client leaves calling
+    ``mark_process_dead`` to the process manager; uvicorn's has no hook, so the scrape does it.
+    Counters and histograms stay: what a dead worker counted did happen.
+    """
+    pids = set()
+    for name in os.listdir(path):
+        found = _LIVE_GAUGE_FILE.fullmatch(name)
+        if found is not None:
+            pids.add(int(found.group(1)))
+    dead = sorted(pid for pid in pids if not _alive(pid))
+    for pid in dead:
+        mark_process_dead(pid, path)
+    return dead
+
+
+class LiveWorkersCollector(MultiProcessCollector):
+    """The workers' summed files, without the live gauges of workers that died (``forget_dead_workers``)."""
+
+    def collect(self) -> Iterable[Metric]:
+        forget_dead_workers(self._path)
+        return super().collect()  # type: ignore[no-any-return]
+
+
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:
     """The /metrics body: the sum over all workers in multiprocess mode, else ``registry``."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         buffered_values.flush()  # this worker's own figures current; the others' are at most one interval old
         merged = CollectorRegistry()
-        MultiProcessCollector(merged)
+        LiveWorkersCollector(merged)
         return generate_latest(merged), CONTENT_TYPE_LATEST
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,5 +1,6 @@
 """A worker killed with requests in flight: what it had admitted is recorded (``settled: false``,
-the estimate as usage, kept on the quota) when the leases expire, by the surviving worker's sweep."""
+the estimate as usage, kept on the quota) when the leases expire, by the surviving worker's sweep;
+/metrics stops counting its requests as in flight."""
 
 from __future__ import annotations
 
@@ -53,6 +54,14 @@ def connections_to(pid: int, port: int) -> int:
     return count
 
 
+def inflight(url: str) -> float:
+    """``gateway_inflight_requests`` on /metrics, summed over the workers."""
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith('gateway_inflight_requests{route="/v1/images/generations"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def post(url: str) -> int | str:
     try:
         return httpx.post(url + "/v1/images/generations", json=BODY, headers={"authorization": f"Bearer {KEY}"},
@@ -76,6 +85,7 @@ def test_requests_of_a_killed_worker_are_recorded_unsettled_and_keep_their_estim
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(post, gw.url) for _ in range(8)]
             wait_until(lambda: httpx.get(fake.url + "/_fake/stats").json()["requests"] == 8, "all 8 upstream")
+            wait_until(lambda: inflight(gw.url) == 8, "both workers' files showing the 8 in flight")
             busiest = max(children(gw.proc.pid), key=lambda pid: connections_to(pid, fake.port))
             assert connections_to(busiest, fake.port) > 0
             os.kill(busiest, signal.SIGKILL)
@@ -100,6 +110,8 @@ def test_requests_of_a_killed_worker_are_recorded_unsettled_and_keep_their_estim
         assert (day["requests"], day["total_tokens"], day["images"], day["res_tokens"]) == \
             (8, killed * one, killed, 0)
         assert db.zcard(keys.inflight("erin")) == 0
+        # The killed worker's in-flight gauge is dropped from /metrics, not summed for ever.
+        assert inflight(gw.url) == 0
     finally:
         gw.stop()
 
