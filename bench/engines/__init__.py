@@ -5,7 +5,8 @@ uvicorn with one worker (uvloop, httptools); wrk POSTs small image requests at 6
 512 concurrent connections, to the fake directly and through each relay, in one run.
 Engines: httpx.AsyncClient, httpx2 (if installed), httpx's API over the aiohttp transport
 (httpx-aiohttp, if installed: ``pip install httpx-aiohttp``, only for this benchmark),
-aiohttp.ClientSession, and aiohttp on bare Starlette (what FastAPI itself costs).
+aiohttp.ClientSession, aiohttp on bare Starlette (what FastAPI itself costs), and the floor
+(bench/engines/floor.py: a bare HTTP/1.1 client, the least any engine could cost).
 Writes the "Engine choice" section of bench/RESULTS.md.
 """
 
@@ -44,6 +45,7 @@ TARGETS = (
     Target("aiohttp", "aiohttp", "aiohttp", module="aiohttp"),
     Target("aiohttp-starlette", "aiohttp, Starlette instead of FastAPI", "aiohttp", framework="starlette",
            module="aiohttp"),
+    Target("floor", "floor: bare HTTP/1.1 client (benchmark only)", "floor", module="httptools"),
 )
 
 
@@ -77,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="do not pin the relay to its own CPU (pinned by default when there are 2+)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument("--label", default="",
+                        help="a section of its own in RESULTS.md (keeps the unlabelled engine choice)")
     args = parser.parse_args(argv)
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.targets = [t for t in TARGETS if t.key in {k.strip() for k in args.only.split(",")}]
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.text_table(header, rows))
     if not args.no_write:
         rounds = f"median of {args.rounds} rounds (lowest-highest in brackets)" if args.rounds > 1 else "one round"
-        body = [f"## Engine choice ({when})", "",
+        title = f"Engine choice, {args.label}" if args.label else "Engine choice"
+        body = [f"## {title} ({when})", "",
                 f"- command: `{args.command}`; run took {time.monotonic() - started:.0f} s",
                 *report.machine_lines(),
                 f"- CPUs: {plan.describe()}",
@@ -179,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                  "during the run"]
         if skipped:
             body += [f"- skipped: {', '.join(skipped)}"]
-        body += ["", "The issue's figures, from another machine (64 concurrent unless noted): httpx 181 req/s "
-                 "(86 at 512), httpx2 367, httpx-aiohttp 962, aiohttp 1,719; the upstream alone ~5,000. "
-                 "The gateway uses aiohttp's ClientSession directly (gateway/upstream.py)."]
-        report.upsert_section("engines", "\n".join(body), first=True)
+        if not args.label:
+            body += ["", "The issue's figures, from another machine (64 concurrent unless noted): httpx 181 req/s "
+                     "(86 at 512), httpx2 367, httpx-aiohttp 962, aiohttp 1,719; the upstream alone ~5,000. "
+                     "The gateway uses aiohttp's ClientSession directly (gateway/upstream/client.py)."]
+        key = f"engines {args.label}" if args.label else "engines"
+        report.upsert_section(key, "\n".join(body), first=not args.label)
         print(f"\nwritten to {report.RESULTS}")
     return 0

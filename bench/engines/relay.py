@@ -73,12 +73,20 @@ async def aiohttp_engine(url: str, headers: dict[str, str]) -> tuple[Send, Any]:
     return send, session.close
 
 
+async def floor_engine(url: str, headers: dict[str, str]) -> tuple[Send, Any]:
+    from bench.engines.floor import FloorClient
+
+    client = FloorClient(url, headers)
+    return client.post, client.close
+
+
 # engine name -> factory of (send, close)
 ENGINES: dict[str, Callable[[str, dict[str, str]], Awaitable[tuple[Send, Any]]]] = {
     "httpx": httpx_engine,
     "httpx2": httpx2_engine,
     "httpx-aiohttp": httpx_aiohttp_engine,
     "aiohttp": aiohttp_engine,
+    "floor": floor_engine,
 }
 
 
