@@ -9,6 +9,7 @@ exists). One worker without ``metrics.port`` has no files at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterable
@@ -24,7 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.metering import buffered_values
 
@@ -164,17 +165,19 @@ def forget_dead_workers(path: str) -> list[int]:
     A worker killed without a clean exit (SIGKILL, the OOM killer) leaves its last values in its
     files: its requests would count as in flight for ever. prometheus-client leaves calling
     ``mark_process_dead`` to the process manager; uvicorn's has no hook, so the scrape does it.
-    Counters and histograms stay: what a dead worker counted did happen.
+    Counters and histograms stay: what a dead worker counted did happen. Two scrapes at once may
+    both remove a file (one finds it gone); the collector skips a live-gauge file that vanished.
     """
-    pids = set()
+    dead: dict[int, bool] = {}
     for name in os.listdir(path):
         found = _LIVE_GAUGE_FILE.fullmatch(name)
-        if found is not None:
-            pids.add(int(found.group(1)))
-    dead = sorted(pid for pid in pids if not _alive(pid))
-    for pid in dead:
-        mark_process_dead(pid, path)
-    return dead
+        if found is None:
+            continue
+        pid = int(found.group(1))
+        if dead.setdefault(pid, not _alive(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(path, name))
+    return sorted(pid for pid, gone in dead.items() if gone)
 
 
 class LiveWorkersCollector(MultiProcessCollector):
