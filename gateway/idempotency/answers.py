@@ -5,15 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import orjson
-from starlette.responses import Response
 
 from gateway.errors import GatewayError, UpstreamAuthFailed, UpstreamUnavailable
 from gateway.upstream.client import never_sent
+from gateway.upstream.delivery import ChunksResponse
 
 # Headers a replay repeats: the body's type and the retry advice. Rate-limit headers belong to
 # the first request's admission, and a replay is not admitted.
 KEPT_HEADERS = ("content-type", "x-should-retry")
 REPLAYED_HEADER = "idempotent-replayed"
+REPLAY_CHUNK_BYTES = 1 << 16  # a replay's body is sent in slices of this size
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +57,16 @@ def may_have_billed(err: GatewayError) -> bool:
     return True
 
 
-def replay_response(answer: Answer, request_id: str) -> Response:
-    """The stored answer for a repeat, marked ``idempotent-replayed: true``."""
-    headers = {**dict(answer.headers), REPLAYED_HEADER: "true", "x-request-id": request_id}
-    return Response(answer.body, status_code=answer.status, headers=headers)
+def replay_response(answer: Answer, request_id: str, send_timeout_seconds: float) -> ChunksResponse:
+    """The stored answer for a repeat, marked ``idempotent-replayed: true``.
+
+    Sent as any relayed answer is: a client that stops reading is dropped after ``send_timeout_seconds``
+    (SPEC §3), so a stalled repeat does not hold a stored answer of many MB for as long as it likes. The
+    body goes in slices: the server buffers a whole send without waiting, so one send of it all would
+    never wait for the client, and never time out.
+    """
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers]
+    headers += [(REPLAYED_HEADER.encode(), b"true"), (b"x-request-id", request_id.encode())]
+    body = answer.body
+    chunks = [body[i:i + REPLAY_CHUNK_BYTES] for i in range(0, len(body), REPLAY_CHUNK_BYTES)]
+    return ChunksResponse(answer.status, chunks, headers, send_timeout_seconds)

@@ -12,10 +12,8 @@ import hashlib
 import logging
 import time
 
-from starlette.responses import Response
-
 from gateway.errors import GatewayError, IdempotencyKeyInUse, IdempotencyKeyReused, ServiceUnavailable
-from gateway.idempotency.answers import Answer, replay_response
+from gateway.idempotency.answers import Answer
 from gateway.idempotency.header import HEADER
 from gateway.idempotency.store import ClaimState, IdempotencyStore
 from gateway.metering.metrics import Metrics
@@ -57,7 +55,7 @@ class Idempotency:
                 raise IdempotencyKeyReused(f"This {HEADER} was already used with a different request.", param=HEADER)
             if claim.answer is not None:
                 self.metrics.idempotent_replays.labels(route).inc()
-                return Ticket(None, user, key, fp, request_id, replay=replay_response(claim.answer, request_id))
+                return Ticket(None, user, key, fp, request_id, replay=claim.answer)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise IdempotencyKeyInUse(f"A request with this {HEADER} is still running; retry later.",
@@ -68,10 +66,10 @@ class Idempotency:
 
 
 class Ticket:
-    """One request's hold on an Idempotency-Key; ``replay`` set when it only replays a stored answer."""
+    """One request's hold on an Idempotency-Key; ``replay`` set (the stored answer) when it only replays one."""
 
     def __init__(self, owner: Idempotency | None, user: str, key: str, fingerprint: str, token: str, *,
-                 replay: Response | None = None) -> None:
+                 replay: Answer | None = None) -> None:
         self._owner = owner  # None: nothing to conclude (a replay, or Redis down and policy allow)
         self._user, self._key, self._fingerprint, self._token = user, key, fingerprint, token
         self.replay = replay

@@ -24,7 +24,7 @@ from starlette.requests import Request
 
 from gateway.auth.authenticator import Principal
 from gateway.errors import GatewayError, ModelNotAllowed, ShuttingDown, StorageUnavailable, UpstreamError
-from gateway.idempotency.answers import Answer, answer_of, answer_of_error, may_have_billed
+from gateway.idempotency.answers import Answer, answer_of, answer_of_error, may_have_billed, replay_response
 from gateway.idempotency.fingerprint import body_fingerprint
 from gateway.idempotency.header import idempotency_key
 from gateway.idempotency.service import Ticket
@@ -100,7 +100,7 @@ async def handle(gw: Gateway, arrival: Arrival, prepare: Prepare, *, admit_with:
                                                 _fingerprint(prepared), rid)
             if ticket.replay is not None:
                 prepared.release()
-                return ticket.replay
+                return replay_response(ticket.replay, rid, gw.settings.server.send_timeout_seconds)
         exchange = Exchange(rid, principal, image, route=arrival.route, started=arrival.received,
                             started_ms=arrival.received_ms, ticket=ticket)
         if then is None:  # on its way upstream: through the intake (a job's submission is not)

@@ -46,7 +46,7 @@ async def test_a_waiter_gets_the_answer_the_runner_stores(client: Any) -> None:
     waiter = asyncio.create_task(idem.begin("alice", "k", ROUTE, "fp", "req-2"))
     await runner.conclude(ANSWER)
     replay = (await waiter).replay
-    assert replay is not None and replay.body == ANSWER.body and replay.headers["idempotent-replayed"] == "true"
+    assert replay == ANSWER
 
 
 async def test_a_waiter_runs_the_request_itself_when_the_runner_released_or_died(client: Any) -> None:

@@ -50,14 +50,15 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def stalled_client(gw: Service, body: dict[str, Any]) -> socket.socket:
-    """A client that sends its request and then never reads (a receive buffer of a few KiB)."""
+def stalled_client(gw: Service, body: dict[str, Any], headers: str = "") -> socket.socket:
+    """A client that sends its request (``headers``: extra header lines) and then never reads (a receive buffer
+    of a few KiB)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", gw.port))
     payload = orjson.dumps(body)
     head = (f"POST /v1/images/generations HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n{headers}\r\n").encode()
     sock.sendall(head + payload)
     return sock
 
@@ -87,6 +88,27 @@ def test_clients_that_never_read_are_dropped_and_memory_comes_back(
         # The gateway still serves.
         assert httpx.post(gw.url + "/v1/images/generations", json={"prompt": "x", "quality": "low"},
                           headers={"authorization": f"Bearer {KEY}"}, timeout=60).status_code == 200
+    finally:
+        for s in socks:
+            s.close()
+        gw.stop()
+
+
+def test_replays_to_clients_that_never_read_are_dropped(fake: Service, redis_url: str, tmp_path: Path) -> None:
+    # An Idempotency-Key's stored answer goes out under the same send timeout as any answer (SPEC §3).
+    gw = start_gateway(config(server={"send_timeout_seconds": 1}), env(fake, redis_url), tmp=tmp_path)
+    body = {"prompt": "big", "n": 4, "quality": "low", "fake": {"pad_bytes": MIB}}
+    auth = {"authorization": f"Bearer {KEY}", "idempotency-key": "stalled-replays"}
+    socks: list[socket.socket] = []
+    try:
+        first = httpx.post(gw.url + "/v1/images/generations", json=body, headers=auth, timeout=60)
+        assert first.status_code == 200 and len(first.content) > 4 * MIB
+        socks = [stalled_client(gw, body, "Idempotency-Key: stalled-replays\r\n") for _ in range(3)]
+        wait_until(lambda: 'gateway_idempotent_replays_total{route="/v1/images/generations"} 3.0'
+                   in httpx.get(gw.url + "/metrics").text, "the three replays under way")
+        wait_until(lambda: not any(connected(s) for s in socks), "stalled replays dropped", timeout=60)
+        again = httpx.post(gw.url + "/v1/images/generations", json=body, headers=auth, timeout=60)
+        assert again.headers["idempotent-replayed"] == "true" and again.content == first.content
     finally:
         for s in socks:
             s.close()
