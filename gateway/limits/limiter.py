@@ -201,19 +201,22 @@ class Limiter:
 
     async def admit(self, *, user: str, limits: Limits, request_id: str, n: int, est_tokens: int,
                     est_usd_micros: int, now_ms: int, queue_deadline: float | None = None,
-                    mode: str = "all", record: Mapping[str, str] | None = None) -> Admission:
+                    mode: str = "all", record: Mapping[str, str] | None = None,
+                    lease_from_ms: int | None = None) -> Admission:
         """Admit a request or raise ``RateLimited`` / ``QuotaExceeded``; Redis errors and ``Shed`` propagate.
 
         ``queue_deadline`` (monotonic seconds): shed rather than wait for Redis past it (see ``Batcher``).
         ``mode`` splits a job's admission in two (admit.lua): ``reserve`` checks and reserves the
         quotas at submission, ``pace`` checks the per-minute and concurrency limits when it starts.
         ``record`` is the ledger record written if the lease expires without a settle.
+        ``now_ms`` is the request's arrival (its windows and periods); the lease runs from ``lease_from_ms``
+        (the moment of admission, when later: a request that waited for its Idempotency-Key), else from it.
         """
         if mode not in ADMIT_MODES:
             raise ValueError(f"mode must be one of {ADMIT_MODES}, got {mode!r}")
         _check_counts(n=n, est_tokens=est_tokens, est_usd_micros=est_usd_micros)
         periods = utc_periods(now_ms)
-        deadline = now_ms + self.lease_ms
+        deadline = max(now_ms, lease_from_ms or 0) + self.lease_ms
         keys = self._admit_keys(user, periods.day, periods.month)
         args: list[Any] = [request_id, now_ms, deadline, n, est_tokens, est_usd_micros,
                            *_plan_args(limits), self.day_ttl_s, self.month_ttl_s, WINDOW_MS, mode,

@@ -54,7 +54,7 @@ async def admit(gw: Gateway, exchange: Exchange, mode: str = "all") -> list[tupl
         admission = await gw.limiter.admit(
             user=p.user, limits=p.limits, request_id=exchange.request_id, n=exchange.request.n,
             est_tokens=exchange.estimate.tokens, est_usd_micros=exchange.estimate.usd_micros,
-            now_ms=exchange.started_ms, mode=mode,
+            now_ms=exchange.started_ms, mode=mode, lease_from_ms=time.time_ns() // 1_000_000,
             record=unsettled_record(exchange, exchange.estimate.tokens, exchange.estimate.usd_micros),
             queue_deadline=exchange.admission_deadline or time.monotonic() + gw.settings.redis.admission_wait_seconds)
     except Shed as exc:

@@ -10,6 +10,7 @@ import hashlib
 import io
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ import redis
 from PIL import Image
 
 from gateway.pipeline.onbehalf import upstream_idempotency_key
+from gateway.redisdb.keys import RedisKeys
 from tests.support.procs import (
     RedisServer,
     Service,
@@ -286,3 +288,43 @@ def test_an_edit_repeat_replays_and_another_image_under_the_key_is_422(gateway: 
     with pytest.raises(openai.UnprocessableEntityError):  # the same generation body on another route
         generate(gateway, key, prompt="add a hat")
     assert calls() == 1
+
+
+def test_a_repeat_that_waited_out_a_dead_workers_lease_is_billed_what_it_used(fake: Service, redis_url: str,
+                                                                              calls: Any, tmp_path: Path) -> None:
+    """The repeat is admitted after its wait: its lease runs from then (SPEC §4.4), not from its arrival, so it
+    is not recorded as a dead worker's request while it runs, and its settle is not thrown away."""
+    key, gate = new_key(), new_key()
+    # Leases of 6 s (upstream timeout 5 s + 1 s): a repeat waits about that long for the dead one's.
+    cfg = config(upstream={"timeout_seconds": 5}, limits={"lease_slack_seconds": 1, "sweep_interval_seconds": 0.2})
+    dying = start_gateway(cfg, env(fake.url, redis_url), tmp=tmp_path)
+    other = start_gateway(cfg, env(fake.url, redis_url), tmp=tmp_path)  # a replica sharing the Redis
+    db = redis.Redis.from_url(redis_url)
+    inflight = RedisKeys().inflight("alice")
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(generate, dying, key, fake={"gate": gate})
+            wait_until(lambda: calls() == 1, "the first request at the upstream")
+            [(dead_id, _)] = db.zrange(inflight, 0, -1, withscores=True)
+            dying.stop(signal.SIGKILL)
+            with pytest.raises(openai.APIConnectionError):
+                first.result()
+            repeat = pool.submit(generate, other, key, fake={"gate": gate})
+            # Taken over once the dead lease ended: the repeat is at the upstream, held at the gate, and its
+            # lease (the in-flight entry other than the dead one's) ends in the future.
+            wait_until(lambda: calls() == 2, "the repeat at the upstream", timeout=60)
+            leases = dict(db.zrange(inflight, 0, -1, withscores=True))
+            leases.pop(dead_id, None)
+            [deadline] = leases.values()
+            assert deadline > time.time() * 1000
+            httpx.post(f"{fake.url}/_fake/gates/{gate}").raise_for_status()
+            answer = repeat.result()
+        assert answer.status_code == 200 and "idempotent-replayed" not in answer.headers
+        rid = answer.headers["x-request-id"]
+        wait_until(lambda: any(f[b"request_id"].decode() == rid for _, f in db.xrange(RedisKeys().ledger("alice"))),
+                   "the repeat's record")
+        [record] = [f for _, f in db.xrange(RedisKeys().ledger("alice")) if f[b"request_id"].decode() == rid]
+        assert (record[b"status"], record[b"settled"]) == (b"200", b"true")
+    finally:
+        dying.stop(signal.SIGKILL)
+        other.stop()
