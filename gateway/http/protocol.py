@@ -4,6 +4,7 @@
 - Headers not complete ``header_timeout`` seconds after the connection opened, or after
   the first byte of a later request on a kept-alive connection: closed (408 if part of a
   request had arrived). Idle kept-alive connections stay governed by ``keep_alive_seconds``.
+- A request the parser refuses: 400 in OpenAI's shape (uvicorn's own is plain text), connection closed.
 
 Each response's head (status line and headers) is held until the body's first write, or the end of
 the loop tick, and both go out in one ``writelines``: a small JSON answer is one write and one packet,
@@ -24,7 +25,7 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gateway.errors import GatewayError, HeadersTimeout, HeadersTooLarge
+from gateway.errors import GatewayError, HeadersTimeout, HeadersTooLarge, InvalidRequest
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -107,6 +108,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(HeadersTimeout(f"Request headers not complete within {self.header_timeout:g} s."))
         else:
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """A request httptools could not parse (a control character in a header, a broken request line):
+        uvicorn's plain-text 400, in OpenAI's error shape like every other error (SPEC §3)."""
+        self._refuse(InvalidRequest(msg))
 
     def _refuse(self, err: GatewayError) -> None:
         """Answer ``err`` in OpenAI's shape and close (the request was never parsed whole)."""

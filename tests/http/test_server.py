@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
@@ -290,6 +291,17 @@ def test_keep_alive_serves_several_requests_and_each_head_is_limited(limited: Se
         status, body = read_response(sock)
         assert status == 431 and b"request_header_fields_too_large" in body
         assert read_until_closed(sock) == b""
+
+
+@pytest.mark.parametrize("request_head", [HEAD + b"Idempotency-Key: a\x7fb\r\n\r\n", b"GARBAGE\r\n\r\n"],
+                         ids=["control character in a header", "no request line"])
+def test_a_request_the_parser_refuses_gets_an_openai_shaped_400(limited: Service, request_head: bytes) -> None:
+    with connect(limited) as sock:
+        sock.sendall(request_head)
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    error = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_value", None)
 
 
 def test_half_sent_headers_are_closed_by_the_server(limited: Service) -> None:
