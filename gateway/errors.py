@@ -85,6 +85,11 @@ class HeadersTimeout(GatewayError):
     code = "request_timeout"
 
 
+class BodyTimeout(HeadersTimeout):
+    """A request body that stopped arriving, or arrives too slowly (``server.body_timeout_seconds``,
+    ``server.body_min_bytes_per_second``): the same 408, answered by the HTTP protocol."""
+
+
 class OperatorTokenRefused(GatewayError):
     """An operator endpoint without its bearer token; the message names the variable that sets it."""
 

@@ -39,7 +39,8 @@ ENV_OVERRIDES = {"upstream": {"base_url": "UPSTREAM_BASE_URL"}, "redis": {"url":
 _POSITIVE = {"timeout_seconds", "connect_timeout_seconds", "max_connections", "settle_queue_size",
              "pipeline_connections", "health_interval_seconds", "health_timeout_seconds", "health_failures",
              "admission_queue", "admission_wait_seconds", "workers",
-             "max_header_bytes", "header_timeout_seconds", "keep_alive_seconds", "ttl_seconds", "concurrency",
+             "max_header_bytes", "header_timeout_seconds", "body_timeout_seconds", "body_min_bytes_per_second",
+             "keep_alive_seconds", "ttl_seconds", "concurrency",
              "visibility_timeout_seconds", "poll_seconds", "max_response_bytes", "send_timeout_seconds",
              "sweep_interval_seconds", "intake_concurrency", "flush_seconds"}
 

@@ -5,6 +5,12 @@
   the first byte of a later request on a kept-alive connection: closed (408 if part of a
   request had arrived). Idle kept-alive connections stay governed by ``keep_alive_seconds``.
 - A request the parser refuses: 400 in OpenAI's shape (uvicorn's own is plain text), connection closed.
+- A request body that stops arriving for ``body_timeout`` seconds, or arrives slower than
+  ``body_min_rate`` bytes a second (``body_timeout`` seconds of grace, one more second for every
+  ``body_min_rate`` bytes, as Apache's mod_reqtimeout): 408 if no answer has started, connection
+  closed; the app sees the client go. Time the server itself stops reading (uvicorn's flow
+  control, while the app has not taken what came) does not count. Checked by a timer only while
+  a body is incomplete after a read: a body that comes with its headers costs nothing.
 
 Each response's head (status line and headers) is held until the body's first write, or the end of
 the loop tick, and both go out in one ``writelines``: a small JSON answer is one write and one packet,
@@ -25,20 +31,31 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gateway.errors import GatewayError, HeadersTimeout, HeadersTooLarge, InvalidRequest
+from gateway.errors import BodyTimeout, GatewayError, HeadersTimeout, HeadersTooLarge, InvalidRequest
+
+_BODY_TICK_SECONDS = 1.0  # how often an incomplete body is checked (at most; a quarter of body_timeout if less)
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` that bounds the size and the arrival time of request headers."""
+    """``HttpToolsProtocol`` that bounds the size and the arrival time of request headers and bodies."""
 
-    def __init__(self, *args: Any, max_header_bytes: int, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_header_bytes: int, header_timeout: float, body_timeout: float,
+                 body_min_rate: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_header_bytes = max_header_bytes
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.body_min_rate = body_min_rate
         self._in_head = True  # what arrives is a request line and headers (not a body)
         self._begun = False  # a request's first byte has arrived, its headers have not ended
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._in_body = False  # a request's headers have ended, its body has not
+        self._body_bytes = 0
+        self._body_idle = 0.0  # seconds without a body byte, while the server was reading
+        self._body_spent = 0.0  # seconds the body has taken so far, while the server was reading
+        self._body_ticked = 0.0  # loop time of the last check
+        self._body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -46,9 +63,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._disarm_body()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self._received(data)
+        if self._in_body and self._body_timer is None and not self.transport.is_closing():
+            self._body_ticked = self.loop.time()
+            self._body_timer = self.loop.call_later(min(_BODY_TICK_SECONDS, self.body_timeout / 4), self._body_tick)
+
+    def _received(self, data: bytes) -> None:
         if not self._in_head:
             super().data_received(data)
         else:
@@ -65,7 +89,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 if self._in_head:
                     self._refuse(HeadersTooLarge(f"Request headers exceed {self.max_header_bytes} bytes."))
                     return
-                self.data_received(data[room:])
+                self._received(data[room:])
                 return
         if self._begun and self._head_timer is None:
             # A later request on a kept-alive connection stopped mid-head. Armed only now, not in
@@ -79,10 +103,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True  # what comes next on this connection is another request's head
+        self._in_body = False
+        self._disarm_body()
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self._body_bytes += len(body)
+        self._body_idle = 0.0
 
     def on_headers_complete(self) -> None:
         self._in_head = self._begun = False
         self._head_bytes = 0
+        self._in_body = True
+        self._body_bytes = 0
+        self._body_idle = self._body_spent = 0.0
         self._disarm()
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.transport is self.transport:
@@ -107,6 +141,34 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_bytes:
             self._refuse(HeadersTimeout(f"Request headers not complete within {self.header_timeout:g} s."))
         else:
+            self.transport.close()
+
+    def _disarm_body(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_tick(self) -> None:
+        """Check an incomplete body: cut it if it stopped, or arrives too slowly; else look again later."""
+        self._body_timer = None
+        if not self._in_body or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        elapsed, self._body_ticked = now - self._body_ticked, now
+        if not self.flow.read_paused:  # paused: the app has not taken what came, not the client's delay
+            self._body_idle += elapsed
+            self._body_spent += elapsed
+        if self._body_idle >= self.body_timeout:
+            self._body_timed_out(f"No request body bytes arrived for {self.body_timeout:g} s.")
+        elif self._body_spent > self.body_timeout + self._body_bytes / self.body_min_rate:
+            self._body_timed_out(f"The request body arrived slower than {self.body_min_rate:g} bytes a second.")
+        else:
+            self._body_timer = self.loop.call_later(min(_BODY_TICK_SECONDS, self.body_timeout / 4), self._body_tick)
+
+    def _body_timed_out(self, message: str) -> None:
+        if self.cycle is not None and not self.cycle.response_started:
+            self._refuse(BodyTimeout(message))
+        else:  # the app answered already (say 413 before reading it all): only the connection goes
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:

@@ -93,6 +93,7 @@ def serve(config: str | None, *, host: str, port: int, workers: int | None) -> i
 
 
 def http_protocol(server: ServerSettings) -> functools.partial[LimitedHttpToolsProtocol]:
-    """httptools with the header limits of SPEC section 3 (a partial: uvicorn adds its own arguments)."""
+    """httptools with the header and body limits of SPEC section 3 (a partial: uvicorn adds its own arguments)."""
     return functools.partial(LimitedHttpToolsProtocol, max_header_bytes=server.max_header_bytes,
-                             header_timeout=server.header_timeout_seconds)
+                             header_timeout=server.header_timeout_seconds, body_timeout=server.body_timeout_seconds,
+                             body_min_rate=server.body_min_bytes_per_second)

@@ -8,6 +8,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,7 +214,7 @@ def test_usable_cores_respect_a_cgroup_cpu_limit(cpu_max: str, cap: int | None, 
     assert usable_cores() == (affinity if cap is None else min(affinity, cap))
 
 
-# --- connections: header size and header time (SPEC section 3) ----------------------------------------
+# --- connections: header size, header time and body time (SPEC section 3) -----------------------------
 
 HEAD = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n"
 SAFETY_TIMEOUT = 60  # only so a broken server fails the test instead of hanging it
@@ -220,8 +222,9 @@ SAFETY_TIMEOUT = 60  # only so a broken server fails the test instead of hanging
 
 @pytest.fixture(scope="module")
 def limited(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """One gateway for the connection tests, its header timeout lowered to 1 s."""
-    cfg = {"server": {"header_timeout_seconds": 1}}
+    """One gateway for the connection tests, its header and body timeouts lowered to 1 s."""
+    cfg = {"server": {"header_timeout_seconds": 1, "body_timeout_seconds": 1, "body_min_bytes_per_second": 1000},
+           **DORA}
     with running(start_gateway(cfg, {"REDIS_URL": redis_server.url}, tmp=tmp_path_factory.mktemp("limits"))) as gw:
         yield gw
 
@@ -322,3 +325,54 @@ def test_a_kept_alive_connection_that_starts_a_request_and_stalls_is_closed(limi
         assert read_response(sock)[0] == 200
         sock.sendall(b"GET /healthz HTTP/1.1\r\n")
         assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
+
+
+BODY_HEAD = (b"POST /v1/images/generations HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer " + KEY.encode()
+             + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n")
+
+
+def timeout_error(answer: bytes) -> dict[str, Any]:
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    error: dict[str, Any] = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "request_timeout")
+    return error
+
+
+def test_a_body_that_stops_arriving_gets_408_and_the_connection_closes(limited: Service) -> None:
+    with connect(limited) as sock:
+        sock.sendall(BODY_HEAD % 1_000_000 + b"x" * 100_000)  # a tenth of it, then silence
+        answer = read_until_closed(sock)
+    assert "No request body bytes arrived" in timeout_error(answer)["message"]
+    assert httpx.get(limited.url + "/healthz", timeout=SAFETY_TIMEOUT).json() == {"status": "ok"}
+
+
+def test_a_body_trickling_below_the_minimum_rate_is_cut(limited: Service) -> None:
+    with connect(limited) as sock:
+        sock.sendall(BODY_HEAD % 100_000)
+        stop = threading.Event()
+
+        def trickle() -> None:  # 20 bytes a second: never silent for long, far below 1,000 a second
+            with contextlib.suppress(OSError):
+                while not stop.wait(0.05):
+                    sock.send(b" ")
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        try:
+            answer = read_until_closed(sock)
+        finally:
+            stop.set()
+            sender.join()
+    assert "slower than 1000 bytes a second" in timeout_error(answer)["message"]
+
+
+def test_a_slow_body_above_the_minimum_rate_is_read_whole(limited: Service) -> None:
+    body = b"{" + b" " * 17_999  # not JSON: answered 400 once the gateway has read it all
+    with connect(limited) as sock:
+        sock.sendall(BODY_HEAD % len(body))
+        for i in range(0, len(body), 1_500):  # 12 pieces 0.25 s apart: 3 s in all (the timeout is 1 s), 6 kB/s
+            sock.sendall(body[i:i + 1_500])
+            time.sleep(0.25)
+        status, answer = read_response(sock)
+    assert status == 400, answer
+    assert orjson.loads(answer)["error"]["code"] == "invalid_value"
