@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import httpx
@@ -23,8 +24,8 @@ def start(fake: Service, redis_url: str, store: S3Store, **jobs: Any) -> Service
                                "GATEWAY_ADMIN_TOKEN": ADMIN, **store.env()})
 
 
-def create_key(gw: Service, webhook_url: str) -> httpx.Response:
-    return httpx.post(gw.url + "/admin/keys", json={"user": "carol", "plan": "p", "webhook_url": webhook_url},
+def create_key(gw: Service, webhook_url: str, user: str = "carol") -> httpx.Response:
+    return httpx.post(gw.url + "/admin/keys", json={"user": user, "plan": "p", "webhook_url": webhook_url},
                       headers={"authorization": f"Bearer {ADMIN}"}, timeout=30)
 
 
@@ -80,3 +81,27 @@ def test_webhook_to_loopback_is_refused_by_default(fake: Service, redis_url: str
             assert 'gateway_webhook_deliveries_total{outcome="refused"} 1.0' in metrics
     finally:
         gw.stop()
+
+
+def test_a_silent_receiver_does_not_hold_back_another_users_webhook(fake: Service, redis_url: str,
+                                                                   s3_store: S3Store) -> None:
+    # A receiver that accepts connections and never answers: each attempt to it waits the full timeout.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(256)
+    gw = start(fake, redis_url, s3_store, allow_private_webhooks=True, webhook_timeout_seconds=120)
+    try:
+        with Receiver() as receiver:
+            dave = create_key(gw, f"http://127.0.0.1:{silent.getsockname()[1]}/hook", user="dave").json()["key"]
+            carol = create_key(gw, receiver.url).json()["key"]
+            stuck = [submit(gw, key=dave).json()["id"] for _ in range(40)]
+            for job_id in stuck:
+                assert finished(gw, job_id, key=dave)["status"] == "succeeded"
+            job_id = submit(gw, key=carol).json()["id"]
+            wait_until(lambda: len(receiver.received) == 1, "carol's webhook", timeout=60)
+            assert receiver.received[0].headers["webhook-id"] == f"msg_{job_id}"
+            # Delivered while every attempt to the silent receiver is still waiting for its answer.
+            assert all(get_job(gw, i, key=dave).json()["webhook"]["attempts"] == 0 for i in stuck)
+    finally:
+        gw.stop()
+        silent.close()
