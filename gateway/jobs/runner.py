@@ -231,11 +231,14 @@ class Runner:
 
     async def _finish(self, entry: Entry, job: Job, status: str, *, result: Any = None, error: Any = None) -> None:
         done = now_ms()
-        await self.queue.transition(job.user, job.id, (QUEUED, IN_PROGRESS), status=status, completed_ms=done,
-                                    result=orjson.dumps(result) if result is not None else None,
-                                    error=orjson.dumps(error) if error is not None else None)
+        finished = await self.queue.transition(
+            job.user, job.id, (QUEUED, IN_PROGRESS), status=status, completed_ms=done,
+            result=orjson.dumps(result) if result is not None else None,
+            error=orjson.dumps(error) if error is not None else None)
         await self.queue.done(entry)
         await discard(self.store, job.route, job.body)
+        if not finished:  # another runner took the job over while this one stalled, and finished it first
+            return
         self.gw.metrics.jobs.labels(status).inc()
         job.status, job.completed_ms, job.result, job.error = status, done, result, error
         if self.on_finished is not None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 from typing import Any
 
 import httpx
 import pytest
+import redis
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tests.jobs.conftest import UPSTREAM_KEY
@@ -105,3 +107,36 @@ def test_a_silent_receiver_does_not_hold_back_another_users_webhook(fake: Servic
     finally:
         gw.stop()
         silent.close()
+
+
+def test_a_runner_that_stalled_past_its_claim_does_not_finish_the_job_again(fake: Service, redis_url: str,
+                                                                            s3_store: S3Store) -> None:
+    """A runner frozen (SIGSTOP: a GC pause, a partition) loses its job to another one; when it wakes up and its
+    upstream call ends, the job is already finished: no second webhook, the delivered state stays."""
+    httpx.post(fake.url + "/_fake/reset").raise_for_status()
+    stalled = start(fake, redis_url, s3_store, allow_private_webhooks=True)  # visibility timeout 2 s
+    other: Service | None = None
+    try:
+        with Receiver() as receiver:
+            key = create_key(stalled, receiver.url).json()["key"]
+            job_id = submit(stalled, key=key, fake={"gate": "stalled-runner"}).json()["id"]
+            wait_until(lambda: httpx.get(fake.url + "/_fake/stats").json()["in_flight"] == 1, "first call upstream")
+            assert stalled.proc is not None
+            stalled.proc.send_signal(signal.SIGSTOP)
+            other = start(fake, redis_url, s3_store, allow_private_webhooks=True)
+            wait_until(lambda: httpx.get(fake.url + "/_fake/stats").json()["in_flight"] == 2, "job taken over")
+            httpx.post(fake.url + "/_fake/gates/stalled-runner").raise_for_status()
+            wait_until(lambda: get_job(other, job_id, key=key).json()["webhook"]["status"] == "delivered",
+                       "webhook delivered", timeout=60)
+            stalled.proc.send_signal(signal.SIGCONT)
+            stalled.stop()  # SIGTERM: its job's upstream call and finish run to their end first
+            state = get_job(other, job_id, key=key).json()["webhook"]
+            assert state["status"] == "delivered" and state["attempts"] == 1, state
+            assert redis.Redis.from_url(redis_url).zscore("igw:webhooks", f"carol/{job_id}") is None
+            assert len(receiver.received) == 1
+    finally:
+        if stalled.proc is not None:
+            stalled.proc.send_signal(signal.SIGCONT)
+        stalled.stop()
+        if other is not None:
+            other.stop()
