@@ -214,3 +214,11 @@ def test_cli_list_show_cancel(upstream: Service, redis_url: str, s3_store: S3Sto
         assert cli("show", "imgjob_nope").returncode == 1
     finally:
         gw.stop(signal.SIGKILL)  # not worth waiting for the 20 s job
+
+
+def test_cli_list_refuses_a_limit_below_one(redis_url: str) -> None:
+    # Read as a Redis range end, 0 listed every job and -1 all but the oldest.
+    for limit in ("0", "-1"):
+        listed = subprocess.run([sys.executable, "-m", "gateway", "jobs", "list", "--user", "alice", "--limit", limit],
+                                capture_output=True, text=True, env={**os.environ, "REDIS_URL": redis_url}, timeout=60)
+        assert listed.returncode == 2 and "--limit" in listed.stderr, listed
