@@ -98,14 +98,17 @@ class Runner:
         for user in users[start:] + users[:start]:
             if len(self.held) - len(self.pacing) >= self.settings.concurrency:
                 break
-            if user in self.pacing:
-                continue
             idle_ms = int(self.settings.visibility_timeout_seconds * 1000)
-            if takeover:  # now and then: names of runners that ended, holding nothing
+            entry = None
+            if takeover:  # now and then: names of runners that ended, holding nothing; then their jobs
                 await self.queue.prune(user, idle_ms)
-            entry = await self.queue.read(user, self.consumer)
-            if entry is None and takeover:
+                # Before new jobs, and even while one of the user's jobs waits for a slot: a dead runner's
+                # jobs may hold those slots (their leases outlive the visibility timeout) and keep them.
                 entry = await self.queue.take_over(user, self.consumer, idle_ms)
+            if entry is None:
+                if user in self.pacing:
+                    continue
+                entry = await self.queue.read(user, self.consumer)
             if entry is None:
                 await self.queue.forget_if_empty(user)
                 continue
