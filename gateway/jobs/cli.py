@@ -82,12 +82,23 @@ def _cancel(args: argparse.Namespace) -> int:
     return _run(args, action)
 
 
+def _positive(text: str) -> int:
+    """``--limit``: a whole number of at least 1 (0 or a negative one would be read as a Redis range end)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
 def register(subparsers: Any) -> None:
     """Add ``jobs list|show|cancel`` to the ``gateway`` command."""
     add = command_group(subparsers, "jobs", "list, show and cancel asynchronous image jobs (in Redis)")
     listing = add("list", "a user's jobs, newest first", _list)
     listing.add_argument("--user", required=True)
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--limit", type=_positive, default=100)
     listing.add_argument("--json", action="store_true")
     show = add("show", "one job, by id", _show)
     show.add_argument("id")

@@ -98,14 +98,17 @@ class Runner:
         for user in users[start:] + users[:start]:
             if len(self.held) - len(self.pacing) >= self.settings.concurrency:
                 break
-            if user in self.pacing:
-                continue
             idle_ms = int(self.settings.visibility_timeout_seconds * 1000)
-            if takeover:  # now and then: names of runners that ended, holding nothing
+            entry = None
+            if takeover:  # now and then: names of runners that ended, holding nothing; then their jobs
                 await self.queue.prune(user, idle_ms)
-            entry = await self.queue.read(user, self.consumer)
-            if entry is None and takeover:
+                # Before new jobs, and even while one of the user's jobs waits for a slot: a dead runner's
+                # jobs may hold those slots (their leases outlive the visibility timeout) and keep them.
                 entry = await self.queue.take_over(user, self.consumer, idle_ms)
+            if entry is None:
+                if user in self.pacing:
+                    continue
+                entry = await self.queue.read(user, self.consumer)
             if entry is None:
                 await self.queue.forget_if_empty(user)
                 continue
@@ -231,11 +234,14 @@ class Runner:
 
     async def _finish(self, entry: Entry, job: Job, status: str, *, result: Any = None, error: Any = None) -> None:
         done = now_ms()
-        await self.queue.transition(job.user, job.id, (QUEUED, IN_PROGRESS), status=status, completed_ms=done,
-                                    result=orjson.dumps(result) if result is not None else None,
-                                    error=orjson.dumps(error) if error is not None else None)
+        finished = await self.queue.transition(
+            job.user, job.id, (QUEUED, IN_PROGRESS), status=status, completed_ms=done,
+            result=orjson.dumps(result) if result is not None else None,
+            error=orjson.dumps(error) if error is not None else None)
         await self.queue.done(entry)
         await discard(self.store, job.route, job.body)
+        if not finished:  # another runner took the job over while this one stalled, and finished it first
+            return
         self.gw.metrics.jobs.labels(status).inc()
         job.status, job.completed_ms, job.result, job.error = status, done, result, error
         if self.on_finished is not None:

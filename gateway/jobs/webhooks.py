@@ -35,6 +35,7 @@ log = logging.getLogger("gateway.webhooks")
 _BATCH = 32
 _MAX_BACKOFF_S = 3600.0
 _IDLE_S = 0.2
+_MAX_IN_FLIGHT = 256  # delivery attempts one worker has open at once
 
 
 def _refused(exc: BaseException) -> bool:
@@ -45,6 +46,16 @@ def _refused(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _forget(in_flight: set[asyncio.Task[None]]) -> Any:
+    """A done-callback: drop a finished attempt; an error (Redis gone mid-attempt) leaves it due after its lease."""
+    def done(task: asyncio.Task[None]) -> None:
+        in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a webhook attempt failed (%s); it is tried again after its lease",
+                        type(task.exception()).__name__)
+    return done
 
 
 async def schedule(keystore: Any, queue: JobQueue, job: Job) -> None:
@@ -77,23 +88,38 @@ class Webhooks:
         await schedule(self.gw.keystore, self.queue, job)
 
     async def run(self) -> None:
-        """Send due attempts until cancelled."""
+        """Send due attempts until cancelled.
+
+        Each attempt runs on its own (at most ``_MAX_IN_FLIGHT`` at once): a receiver that answers slowly
+        or never holds only its own attempts, not the deliveries claimed after them.
+        """
         connector = aiohttp.TCPConnector(resolver=GuardedResolver(self.settings.allow_private_webhooks),
-                                         limit=256, ttl_dns_cache=None, use_dns_cache=False)
+                                         limit=_MAX_IN_FLIGHT, ttl_dns_cache=None, use_dns_cache=False)
         timeout = aiohttp.ClientTimeout(total=self.settings.webhook_timeout_seconds)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            while True:
-                try:
-                    lease = int((self.settings.webhook_timeout_seconds + 30) * 1000)
-                    claimed = await self._claim(keys=[self.due_key], args=[now_ms(), lease, _BATCH])
-                except REDIS_ERRORS:
-                    self.gw.metrics.redis_errors.labels("jobs").inc()
-                    claimed = []
-                if not claimed:
-                    await asyncio.sleep(_IDLE_S)
-                    continue
-                await asyncio.gather(*(self._attempt(session, m.decode() if isinstance(m, bytes) else m)
-                                       for m in claimed), return_exceptions=True)
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+                while True:
+                    free = _MAX_IN_FLIGHT - len(in_flight)
+                    if not free:
+                        await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                        continue
+                    try:
+                        lease = int((self.settings.webhook_timeout_seconds + 30) * 1000)
+                        claimed = await self._claim(keys=[self.due_key], args=[now_ms(), lease, min(_BATCH, free)])
+                    except REDIS_ERRORS:
+                        self.gw.metrics.redis_errors.labels("jobs").inc()
+                        claimed = []
+                    if not claimed:
+                        await asyncio.sleep(_IDLE_S)
+                    for m in claimed:
+                        task = asyncio.create_task(self._attempt(session, m.decode() if isinstance(m, bytes) else m))
+                        in_flight.add(task)
+                        task.add_done_callback(_forget(in_flight))
+        finally:
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def _attempt(self, session: aiohttp.ClientSession, member: str) -> None:
         user, _, job_id = member.partition("/")

@@ -170,21 +170,42 @@ def test_cancel_a_queued_job(upstream: Service, redis_url: str, s3_store: S3Stor
         gw.stop()
 
 
-def test_sigkill_with_five_jobs_in_flight_loses_none(upstream: Service, redis_url: str, s3_store: S3Store) -> None:
-    plan = {"max_concurrent_requests": 10}
+def killed_mid_batch(upstream: Service, redis_url: str, s3_store: S3Store, slots: int) -> tuple[list[str], Service]:
+    """Five jobs on a gateway SIGKILLed while ``slots`` of them are upstream; the jobs and a new gateway."""
+    plan = {"max_concurrent_requests": slots}
     gw = gateway(upstream, redis_url, s3_store, plan)
     ids = [submit(gw, fake={"latency": 3}).json()["id"] for _ in range(5)]
-    wait_until(lambda: httpx.get(upstream.url + "/_fake/stats").json()["in_flight"] == 5, "5 jobs upstream")
+    wait_until(lambda: httpx.get(upstream.url + "/_fake/stats").json()["in_flight"] == min(slots, 5), "jobs upstream")
     gw.stop(signal.SIGKILL)
-    gw2 = gateway(upstream, redis_url, s3_store, plan)
+    return ids, gateway(upstream, redis_url, s3_store, plan)
+
+
+def assert_each_succeeded_billed_once(gw: Service, redis_url: str, ids: list[str]) -> None:
+    for i in ids:
+        assert finished(gw, i, timeout=90)["status"] == "succeeded"
+    for i in ids:
+        assert len([r for r in records(redis_url, "alice") if r["request_id"] == i]) == 1
+
+
+def test_sigkill_with_five_jobs_in_flight_loses_none(upstream: Service, redis_url: str, s3_store: S3Store) -> None:
+    ids, gw2 = killed_mid_batch(upstream, redis_url, s3_store, slots=10)
     try:
-        for i in ids:
-            assert finished(gw2, i, timeout=90)["status"] == "succeeded"
-        for i in ids:
-            assert len([r for r in records(redis_url, "alice") if r["request_id"] == i]) == 1
+        assert_each_succeeded_billed_once(gw2, redis_url, ids)
         # Each job went upstream twice (killed mid-call, then re-run), both times with its own Idempotency-Key.
         sent = [e["headers"]["idempotency-key"] for e in httpx.get(upstream.url + "/_fake/stats").json()["recent"]]
         assert len(sent) == 10 and len(set(sent)) == 5 and all(sent.count(k) == 2 for k in sent)
+    finally:
+        gw2.stop()
+
+
+def test_sigkill_holding_every_slot_with_more_jobs_queued_loses_no_time(upstream: Service, redis_url: str,
+                                                                        s3_store: S3Store) -> None:
+    """The dead worker's jobs hold all of the user's slots (their leases last upstream.timeout_seconds + 60 s):
+    they are taken over after the visibility timeout, ahead of the user's queued jobs, which would wait for
+    those slots. ``finished`` waits 90 s: well before the dead leases expire (660 s)."""
+    ids, gw2 = killed_mid_batch(upstream, redis_url, s3_store, slots=2)
+    try:
+        assert_each_succeeded_billed_once(gw2, redis_url, ids)
     finally:
         gw2.stop()
 
@@ -214,3 +235,11 @@ def test_cli_list_show_cancel(upstream: Service, redis_url: str, s3_store: S3Sto
         assert cli("show", "imgjob_nope").returncode == 1
     finally:
         gw.stop(signal.SIGKILL)  # not worth waiting for the 20 s job
+
+
+def test_cli_list_refuses_a_limit_below_one(redis_url: str) -> None:
+    # Read as a Redis range end, 0 listed every job and -1 all but the oldest.
+    for limit in ("0", "-1"):
+        listed = subprocess.run([sys.executable, "-m", "gateway", "jobs", "list", "--user", "alice", "--limit", limit],
+                                capture_output=True, text=True, env={**os.environ, "REDIS_URL": redis_url}, timeout=60)
+        assert listed.returncode == 2 and "--limit" in listed.stderr, listed

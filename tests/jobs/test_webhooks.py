@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 from typing import Any
 
 import httpx
 import pytest
+import redis
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tests.jobs.conftest import UPSTREAM_KEY
@@ -23,8 +26,8 @@ def start(fake: Service, redis_url: str, store: S3Store, **jobs: Any) -> Service
                                "GATEWAY_ADMIN_TOKEN": ADMIN, **store.env()})
 
 
-def create_key(gw: Service, webhook_url: str) -> httpx.Response:
-    return httpx.post(gw.url + "/admin/keys", json={"user": "carol", "plan": "p", "webhook_url": webhook_url},
+def create_key(gw: Service, webhook_url: str, user: str = "carol") -> httpx.Response:
+    return httpx.post(gw.url + "/admin/keys", json={"user": user, "plan": "p", "webhook_url": webhook_url},
                       headers={"authorization": f"Bearer {ADMIN}"}, timeout=30)
 
 
@@ -80,3 +83,60 @@ def test_webhook_to_loopback_is_refused_by_default(fake: Service, redis_url: str
             assert 'gateway_webhook_deliveries_total{outcome="refused"} 1.0' in metrics
     finally:
         gw.stop()
+
+
+def test_a_silent_receiver_does_not_hold_back_another_users_webhook(fake: Service, redis_url: str,
+                                                                   s3_store: S3Store) -> None:
+    # A receiver that accepts connections and never answers: each attempt to it waits the full timeout.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(256)
+    gw = start(fake, redis_url, s3_store, allow_private_webhooks=True, webhook_timeout_seconds=120)
+    try:
+        with Receiver() as receiver:
+            dave = create_key(gw, f"http://127.0.0.1:{silent.getsockname()[1]}/hook", user="dave").json()["key"]
+            carol = create_key(gw, receiver.url).json()["key"]
+            stuck = [submit(gw, key=dave).json()["id"] for _ in range(40)]
+            for job_id in stuck:
+                assert finished(gw, job_id, key=dave)["status"] == "succeeded"
+            job_id = submit(gw, key=carol).json()["id"]
+            wait_until(lambda: len(receiver.received) == 1, "carol's webhook", timeout=60)
+            assert receiver.received[0].headers["webhook-id"] == f"msg_{job_id}"
+            # Delivered while every attempt to the silent receiver is still waiting for its answer.
+            assert all(get_job(gw, i, key=dave).json()["webhook"]["attempts"] == 0 for i in stuck)
+    finally:
+        gw.stop()
+        silent.close()
+
+
+def test_a_runner_that_stalled_past_its_claim_does_not_finish_the_job_again(fake: Service, redis_url: str,
+                                                                            s3_store: S3Store) -> None:
+    """A runner frozen (SIGSTOP: a GC pause, a partition) loses its job to another one; when it wakes up and its
+    upstream call ends, the job is already finished: no second webhook, the delivered state stays."""
+    httpx.post(fake.url + "/_fake/reset").raise_for_status()
+    stalled = start(fake, redis_url, s3_store, allow_private_webhooks=True)  # visibility timeout 2 s
+    other: Service | None = None
+    try:
+        with Receiver() as receiver:
+            key = create_key(stalled, receiver.url).json()["key"]
+            job_id = submit(stalled, key=key, fake={"gate": "stalled-runner"}).json()["id"]
+            wait_until(lambda: httpx.get(fake.url + "/_fake/stats").json()["in_flight"] == 1, "first call upstream")
+            assert stalled.proc is not None
+            stalled.proc.send_signal(signal.SIGSTOP)
+            other = start(fake, redis_url, s3_store, allow_private_webhooks=True)
+            wait_until(lambda: httpx.get(fake.url + "/_fake/stats").json()["in_flight"] == 2, "job taken over")
+            httpx.post(fake.url + "/_fake/gates/stalled-runner").raise_for_status()
+            wait_until(lambda: get_job(other, job_id, key=key).json()["webhook"]["status"] == "delivered",
+                       "webhook delivered", timeout=60)
+            stalled.proc.send_signal(signal.SIGCONT)
+            stalled.stop()  # SIGTERM: its job's upstream call and finish run to their end first
+            state = get_job(other, job_id, key=key).json()["webhook"]
+            assert state["status"] == "delivered" and state["attempts"] == 1, state
+            assert redis.Redis.from_url(redis_url).zscore("igw:webhooks", f"carol/{job_id}") is None
+            assert len(receiver.received) == 1
+    finally:
+        if stalled.proc is not None:
+            stalled.proc.send_signal(signal.SIGCONT)
+        stalled.stop()
+        if other is not None:
+            other.stop()
