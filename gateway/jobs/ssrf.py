@@ -9,6 +9,7 @@ resolved to a public address at creation may point inside the network later (DNS
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +20,7 @@ from aiohttp.resolver import DefaultResolver
 from gateway.errors import InvalidRequest
 
 MAX_URL_LENGTH = 2048
+_HEX_LABEL = re.compile(r"0x[0-9a-f]*")
 
 
 class WebhookRefused(OSError):
@@ -41,6 +43,24 @@ def _literal(host: str) -> str | None:
         return None
 
 
+def _host_refusal(host: str, allow_private: bool) -> str | None:
+    """Why webhooks may not go to ``host`` (a URL's lower-cased host name), or None.
+
+    A host whose last label is a number (``127.1``, ``2130706433``, ``0x7f000001``, ``127.0.0.1.``)
+    is an IPv4 address to URL parsers (WHATWG), in a spelling clients disagree on: only the dotted
+    form is taken, and checked as an address.
+    """
+    literal = _literal(host)
+    if literal is None:
+        last = host.removesuffix(".").rsplit(".", 1)[-1]
+        if (last.isascii() and last.isdigit()) or _HEX_LABEL.fullmatch(last):
+            return "a numeric host must be a dotted IPv4 address (such as 203.0.113.7)"
+        return None
+    if not allow_private and not address_allowed(literal):
+        return "private, loopback and link-local addresses are not allowed"
+    return None
+
+
 def check_webhook_url(url: Any, allow_private: bool) -> str:
     """The URL if webhooks may be sent there; else InvalidRequest (``param: webhook_url``)."""
     def refuse(reason: str) -> InvalidRequest:
@@ -58,16 +78,17 @@ def check_webhook_url(url: Any, allow_private: bool) -> str:
         raise refuse("must be an http or https URL with a host")
     if parts.username is not None or parts.password is not None:
         raise refuse("must not carry credentials")
-    literal = _literal(host)
-    if not allow_private and literal is not None and not address_allowed(literal):
-        raise refuse("private, loopback and link-local addresses are not allowed")
+    reason = _host_refusal(host, allow_private)
+    if reason is not None:
+        raise refuse(reason)
     return url
 
 
 def refused_literal(url: str, allow_private: bool) -> bool:
-    """True when ``url`` names an address literal webhooks may not reach (aiohttp skips the resolver for these)."""
-    literal = _literal(urlsplit(url).hostname or "")
-    return not allow_private and literal is not None and not address_allowed(literal)
+    """True when ``url``'s host is refused without a lookup: an address literal webhooks may not reach
+    (aiohttp skips the resolver for these), or a numeric host in another spelling (a key created before
+    those were refused: its deliveries end at once instead of being retried for a day)."""
+    return _host_refusal(urlsplit(url).hostname or "", allow_private) is not None
 
 
 class GuardedResolver(AbstractResolver):

@@ -147,7 +147,8 @@ class Webhooks:
                     state: dict[str, Any]) -> str:
         """One signed POST; returns the outcome (delivered, retry, refused) and notes it in ``state``."""
         if refused_literal(url, self.settings.allow_private_webhooks):  # aiohttp does not resolve literals
-            state["last_error"] = "the webhook's address is not allowed (private, loopback or link-local)"
+            state["last_error"] = ("the webhook's address is not allowed (private, loopback or link-local, "
+                                   "or a numeric host that is no dotted IPv4 address)")
             return "refused"
         body = orjson.dumps(await job_object(self.gw.image_store, job))
         msg_id, sent = f"msg_{job.id}", datetime.now(UTC)
