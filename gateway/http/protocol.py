@@ -70,7 +70,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._received(data)
         if self._in_body and self._body_timer is None and not self.transport.is_closing():
             self._body_ticked = self.loop.time()
-            self._body_timer = self.loop.call_later(min(_BODY_TICK_SECONDS, self.body_timeout / 4), self._body_tick)
+            self._arm_body()
 
     def _received(self, data: bytes) -> None:
         if not self._in_head:
@@ -143,6 +143,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
+    def _arm_body(self) -> None:
+        self._body_timer = self.loop.call_later(min(_BODY_TICK_SECONDS, self.body_timeout / 4), self._body_tick)
+
     def _disarm_body(self) -> None:
         if self._body_timer is not None:
             self._body_timer.cancel()
@@ -163,7 +166,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         elif self._body_spent > self.body_timeout + self._body_bytes / self.body_min_rate:
             self._body_timed_out(f"The request body arrived slower than {self.body_min_rate:g} bytes a second.")
         else:
-            self._body_timer = self.loop.call_later(min(_BODY_TICK_SECONDS, self.body_timeout / 4), self._body_tick)
+            self._arm_body()
 
     def _body_timed_out(self, message: str) -> None:
         if self.cycle is not None and not self.cycle.response_started:
