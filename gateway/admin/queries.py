@@ -9,14 +9,14 @@ from gateway.validators import valid_name
 MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 
 
-def parse_user(value: str | None, *, required: bool) -> str | None:
-    """A user name as the config allows it; InvalidRequest otherwise."""
+def parse_user(value: str | None, *, required: bool, param: str = "user") -> str | None:
+    """A user (or team) name as the config allows it; InvalidRequest naming ``param`` otherwise."""
     if value is None or value == "":
         if required:
-            raise MissingParameter("Missing required parameter: 'user'.", param="user")
+            raise MissingParameter(f"Missing required parameter: '{param}'.", param=param)
         return None
     if not valid_name(value):
-        raise InvalidRequest("'user' must be letters, digits and . _ @ - (at most 128).", param="user")
+        raise InvalidRequest(f"'{param}' must be letters, digits and . _ @ - (at most 128).", param=param)
     return value
 
 

@@ -38,7 +38,7 @@ def _keys(request: Request) -> RedisKeys:
 
 def _query_user(request: Request, name: str = "user") -> str | None:
     value = request.query_params.get(name) or None
-    return None if value is None else parse_user(value, required=False)
+    return None if value is None else parse_user(value, required=False, param=name)
 
 
 async def keys_page(request: Request) -> Response:
@@ -125,23 +125,35 @@ async def usage_page(request: Request) -> Response:
         return to_signin()
     gw = gateway_of(request)
     keys, now = _keys(request), datetime.now(UTC)
-    user, team = _query_user(request), _query_user(request, "team")
+    try:
+        user, team = _query_user(request), _query_user(request, "team")
+    except GatewayError as err:  # a page that says what is wrong with the filter, not a JSON error
+        return await _render_usage(request, session.csrf, now, [], status=err.status, error=err,
+                                   user=request.query_params.get("user", ""),
+                                   team=request.query_params.get("team", ""))
     if user:
         users = [user]
     else:
         everyone = await known_users(gw.redis, keys)
         users = everyone if not team else [u for u in everyone if any(
             k.team == team for k in await keystore(request).list(u))]
+    return await _render_usage(request, session.csrf, now, users, user=user or "", team=team or "", one_user=user)
+
+
+async def _render_usage(request: Request, csrf: str, now: datetime, users: list[str], *, user: str, team: str,
+                        one_user: str | None = None, status: int = 200, error: GatewayError | None = None,
+                        ) -> Response:
+    gw, keys = gateway_of(request), _keys(request)
     overview = await data.usage_overview(gw.redis, keys, users, now)
     days = [d.day for d in overview["series"]]
     charts = [bar_chart("Tokens per day", days, [d.tokens for d in overview["series"]], thousands),
               bar_chart("Images per day", days, [d.images for d in overview["series"]], thousands),
               bar_chart("Cost per day", days, [d.usd_micros for d in overview["series"]], money)]
-    return render("usage.html", page="usage", csrf=session.csrf, user=user or "", team=team or "",
+    return render("usage.html", status=status, page="usage", csrf=csrf, user=user, team=team, error=error,
                   today=overview["today"], month=overview["month"], charts=charts,
                   today_label=f"{now:%Y-%m-%d}", month_label=f"{now:%Y-%m}",
-                  top_users=[] if user else await data.top_users(gw.redis, keys, now),
-                  top_models=await data.top_models(gw.redis, keys, user, now))
+                  top_users=await data.top_users(gw.redis, keys, now) if error is None and not one_user else [],
+                  top_models=[] if error else await data.top_models(gw.redis, keys, one_user, now))
 
 
 async def live_page(request: Request) -> Response:

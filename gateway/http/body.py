@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -47,13 +48,39 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        if isinstance(exc, _DuplicateKey):
+        if isinstance(exc, _DuplicateKey) and not _SURROGATE.search(exc.name):
             raise InvalidRequest(f"The field '{exc.name}' is given more than once.", param=exc.name) from None
         raise InvalidRequest("We could not parse the JSON body of your request. The body must be a JSON "
                              "object (Content-Type: application/json).") from exc
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if _SURROGATE_ESCAPE.search(body) and _holds_surrogate(data):
+        # JSON lets "\ud800" through, but it is no Unicode text: it could be neither stored nor answered in UTF-8.
+        raise InvalidRequest("The JSON body holds a lone UTF-16 surrogate escape (such as \\ud800), which is not "
+                             "valid Unicode.")
     return data
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a cheap filter: only such a body can decode to one
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _holds_surrogate(data: Any) -> bool:
+    """Whether a lone surrogate is in any string of ``data`` (keys included); pairs decode to one character.
+
+    A loop, not recursion: ``json.loads`` accepts nesting deeper than a recursive walk could follow."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
 
 
 class _DuplicateKey(ValueError):

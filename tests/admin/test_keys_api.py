@@ -294,6 +294,36 @@ def test_body_that_is_not_json_is_400(replicas: tuple[Service, Service], redis_u
     assert key_data(redis_url) == []
 
 
+@pytest.mark.parametrize("body", [
+    b'{"user": "sam", "webhook_url": "https://hooks.example.com/\\ud800"}',  # was stored, then a 500
+    b'{"user": "sam", "\\udfff": 1}',  # the 400 naming the field could not be written: a 500
+    b'{"user": "sam", "limits": {"\\ud800x": 1}}',
+    b'{"user": "sam", "\\ud800": 1, "\\ud800": 2}',
+])
+def test_a_lone_surrogate_escape_is_400_and_stores_nothing(replicas: tuple[Service, Service], redis_url: str,
+                                                           body: bytes) -> None:
+    # Valid JSON, but "\ud800" decodes to no Unicode character: nothing could answer or list it in UTF-8.
+    with admin(replicas[0]) as http:
+        response = http.post("/admin/keys", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and error_of(response)["code"] == "invalid_value", response.text
+        assert key_data(redis_url) == []
+        assert http.get("/admin/keys", params={"user": "sam"}).json() == {"data": []}
+    # A surrogate pair is one character, as any JSON parser reads it.
+    key = create(replicas[0], {"user": "sam", "name": "\U0001f600"})
+    raw = b'{"user": "sam", "name": "\\ud83d\\ude00"}'
+    with admin(replicas[0]) as http:
+        response = http.post("/admin/keys", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 201 and response.json()["name"] == key["name"] == "\U0001f600"
+
+
+def test_a_lone_surrogate_in_a_generation_request_is_400(replicas: tuple[Service, Service]) -> None:
+    key = create(replicas[0], {"user": "sam"})["key"]
+    for body in (b'{"model": "gpt-image-1", "prompt": "a \\ud800 cat"}', b'{"prompt": "x", "\\udc00": 1}'):
+        response = httpx.post(replicas[0].url + "/v1/images/generations", content=body, timeout=10,
+                              headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+        assert response.status_code == 400 and error_of(response)["code"] == "invalid_value", response.text
+
+
 @pytest.mark.parametrize(("query", "param"), [({}, "user"), ({"user": "bad user"}, "user"),
                                              ({"user": "carol\n"}, "user")])
 def test_listing_needs_a_valid_user(replicas: tuple[Service, Service], query: dict[str, str],

@@ -148,6 +148,19 @@ async def test_usage_page_shows_the_admin_api_totals(console: httpx.AsyncClient,
         assert shown and shown[1] == f"{totals.json()[field]:,}", field
 
 
+@pytest.mark.parametrize(("query", "field"), [({"user": "bob smith"}, "user"),
+                                             ({"team": '"><img src=x onerror=alert(1)>'}, "team")])
+async def test_a_bad_usage_filter_is_a_console_page_naming_the_field(console: httpx.AsyncClient, query: dict[str, str],
+                                                                    field: str) -> None:
+    await sign_in(console)
+    page = await console.get("/admin/ui/usage", params=query)
+    assert page.status_code == 400 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    error = re.search(r'<p class="error" role="alert">([^<]+)</p>', page.text)
+    assert error and error[1].startswith(f"&#39;{field}&#39; must be"), page.text[:300]
+    assert "<img src=x" not in page.text and "Sign out" in page.text  # escaped, inside the console's frame
+
+
 async def test_the_console_is_not_there_without_an_admin_token(redis_url: str) -> None:
     async with app_client(settings(redis_url, admin=False)) as (client, _):
         assert (await client.get("/admin/ui/signin")).status_code == 404
