@@ -18,6 +18,7 @@ from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 
 from gateway.errors import InvalidRequest
+from gateway.validators import control_free
 
 MAX_URL_LENGTH = 2048
 _HEX_LABEL = re.compile(r"0x[0-9a-f]*")
@@ -68,6 +69,8 @@ def check_webhook_url(url: Any, allow_private: bool) -> str:
 
     if not isinstance(url, str) or not url or len(url) > MAX_URL_LENGTH:
         raise refuse(f"must be an http(s) URL of at most {MAX_URL_LENGTH} characters")
+    if not control_free(url) or any(c.isspace() for c in url):
+        raise refuse("must not contain spaces, control or format characters (percent-encode them)")
     try:
         parts = urlsplit(url)
         host = parts.hostname

@@ -29,6 +29,13 @@ def test_names_and_public_addresses_are_taken(host: str) -> None:
     assert not refused_literal(url, allow_private=False)
 
 
+@pytest.mark.parametrize("path", ["/\n", "/\x00", "/\t", "/ a", "/\u202e", "/\u2028", "/\u00a0"])
+def test_control_format_and_space_characters_are_refused(path: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        check_webhook_url("https://hooks.example.com" + path, allow_private=False)
+    assert info.value.param == "webhook_url"
+
+
 def test_private_addresses_pass_when_allowed_but_numeric_spellings_never() -> None:
     assert check_webhook_url("http://127.0.0.1:9/hook", allow_private=True) == "http://127.0.0.1:9/hook"
     with pytest.raises(InvalidRequest):
