@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -21,6 +22,8 @@ from gateway.http.context import gateway_of
 from gateway.metering.ledger import export_lines, iter_records, known_users
 from gateway.metering.metrics import render as render_metrics
 from gateway.redisdb.keys import RedisKeys
+
+log = logging.getLogger("gateway.admin")  # the admin API's audit lines: one log for keys made or revoked anywhere
 
 PAGE_SIZE = 50
 
@@ -73,6 +76,7 @@ async def create_key(request: Request) -> Response:
         created = await keystore(request).create(_key_body(form))
     except GatewayError as err:
         return await _render_keys(request, session.csrf, status=err.status, error=err, form=fields)
+    log.info("console: created key %s for user %s", created.record.id, created.record.user)
     return render("key_created.html", page="keys", csrf=session.csrf, key=created.as_dict())
 
 
@@ -114,6 +118,8 @@ async def revoke_key(request: Request) -> Response:
     _, form = posted
     key_id = request.path_params["key_id"]
     done = await keystore(request).revoke(key_id)
+    if done:  # an unknown id is not logged: a plaintext key pasted in its place must not reach the log
+        log.info("console: revoked key %s", key_id)
     user = form.get("user") if isinstance(form.get("user"), str) else ""
     target = "/admin/ui/keys?" + urlencode({"user": user, "revoked": key_id if done else ""})
     return RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)

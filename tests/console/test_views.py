@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -97,6 +98,19 @@ async def test_create_shows_the_key_once_and_markup_in_names_as_text(console: ht
     listing = await console.get("/admin/ui/keys?user=alice")
     assert key[1] not in listing.text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in listing.text and "<script>alert" not in listing.text
+
+
+async def test_keys_made_and_revoked_in_the_console_are_logged_as_by_the_admin_api(
+        console: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.admin")
+    await sign_in(console)
+    page = await console.get("/admin/ui/keys?user=alice")
+    made = await console.post("/admin/ui/keys", data={"csrf": csrf_of(page.text), "user": "alice"})
+    key = re.search(r'id="new-key">([^<]+)<', made.text)
+    logged = re.search(r"console: created key (key_\w+) for user alice", caplog.text)
+    assert key and logged and key[1] not in caplog.text  # the id, never the plaintext
+    await console.post(f"/admin/ui/keys/{logged[1]}/revoke", data={"csrf": csrf_of(page.text), "user": "alice"})
+    assert f"console: revoked key {logged[1]}" in caplog.text
 
 
 async def test_a_bad_field_is_shown_on_the_form_and_nothing_is_created(console: httpx.AsyncClient) -> None:
