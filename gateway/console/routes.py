@@ -31,6 +31,7 @@ async def asset(request: Request) -> Response:
 
 CONSOLE_ROUTES = [
     Route("/admin/ui", home, methods=["GET"]),
+    Route("/admin/ui/", home, methods=["GET"]),  # else Starlette's slash redirect answers 307 with the console off
     Route("/admin/ui/signin", auth_views.signin_page, methods=["GET"]),
     Route("/admin/ui/signin", auth_views.signin, methods=["POST"]),
     Route("/admin/ui/signout", auth_views.signout, methods=["POST"]),

@@ -179,3 +179,5 @@ async def test_the_console_is_not_there_without_an_admin_token(redis_url: str) -
     async with app_client(settings(redis_url, admin=False)) as (client, _):
         assert (await client.get("/admin/ui/signin")).status_code == 404
         assert (await client.get("/admin/ui/static/console.css")).status_code == 404
+        for path in ("/admin/ui", "/admin/ui/"):  # not a redirect either: nothing tells the console exists
+            assert (await client.get(path, follow_redirects=False)).status_code == 404
