@@ -267,8 +267,7 @@ def _parse_event(raw: bytes) -> tuple[bytes | None, bytes]:
     """An event's name and data; name None when it has neither (a comment, a blank)."""
     name = b""
     data: list[bytes] = []
-    for line in raw.split(b"\n"):
-        line = line.rstrip(b"\r")
+    for line in raw.splitlines():  # an SSE line ends with CRLF, LF or a lone CR
         if line.startswith(b"data:"):
             data.append(line[6:] if line[5:6] == b" " else line[5:])
         elif line.startswith(b"event:"):
@@ -282,9 +281,10 @@ def _skippable(buf: bytearray) -> bool:
     """The event at the start of ``buf`` names itself (``event:`` first) as neither completed nor error."""
     if not buf.startswith(b"event:"):
         return False
-    line_end = buf.find(b"\n", 0, 256)
-    if line_end < 0:
+    ends = [k for k in (buf.find(b"\n", 0, 256), buf.find(b"\r", 0, 256)) if k >= 0]
+    if not ends:
         return False
+    line_end = min(ends)
     name = bytes(buf[6:line_end]).strip()
     return name not in _COMPLETED_NAMES and name != b"error"
 

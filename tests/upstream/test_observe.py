@@ -90,7 +90,7 @@ def _event(name: str, data: dict[str, object], eol: bytes = b"\n") -> bytes:
     return b"event: " + name.encode() + eol + b"data: " + orjson.dumps(data) + eol + eol
 
 
-@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
 @pytest.mark.parametrize("chunk", [1, 5, 4096, 10**9])
 def test_sse_parser_sums_completed_events(chunk: int, eol: bytes) -> None:
     partial = {"type": "image_generation.partial_image", "b64_json": "P" * 50_000, "partial_image_index": 0}

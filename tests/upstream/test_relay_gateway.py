@@ -148,3 +148,21 @@ async def test_upstream_dying_mid_event_ends_the_event_before_the_error_and_bill
     assert (usage["images"], usage["total_tokens"]) == (1, 279)
     [record] = scripted.records()
     assert record["incomplete"] is True and record["images"] == 1
+
+
+async def test_events_with_lone_cr_line_endings_are_relayed_as_is_and_billed(scripted: Scripted) -> None:
+    # SSE lets a line end with CR alone: `event:` and `data:` of one event are then on one "\n"-line.
+    body = completed_event().replace(b"\n", b"\r")
+
+    async def cr_events(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, content_type="text/event-stream")
+
+    scripted.handler = cr_events
+    async with httpx.AsyncClient(base_url=scripted.gw.url, timeout=30) as client:
+        r = await client.post("/v1/images/generations", headers={"authorization": f"Bearer {KEY}"},
+                              json={"model": "gpt-image-1", "prompt": "x", "stream": True})
+    assert (r.status_code, r.content) == (200, body)
+    usage = scripted.day_usage()
+    assert (usage["images"], usage["total_tokens"]) == (1, 279)
+    [record] = scripted.records()
+    assert record["incomplete"] is False and record["images"] == 1
